@@ -1,0 +1,30 @@
+# Plain entry points. `make test` and `make demo` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CIFAR-100 and the teachers: found beside the project on machines without internet.
+SHARED ?= $(abspath ../shared)
+export CIFAR100_ROOT ?= $(if $(wildcard $(SHARED)/data/cifar-100-python),$(SHARED)/data,./data)
+export KD_TEACHERS ?= $(if $(wildcard $(SHARED)/teachers),$(SHARED)/teachers,./save/models)
+
+.PHONY: venv test lint demo bench clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+demo: venv
+	$(PY) scripts/demo.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

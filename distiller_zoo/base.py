@@ -1,0 +1,138 @@
+"""The contract between a distillation method and the training engine.
+
+A method is a subclass of :class:`Distiller` in one file of ``distiller_zoo/``, registered with
+:func:`register`. The engine never names a method: it asks the registry for the class, builds it from
+the student's and teacher's per-sample feature shapes, and calls it once per step.
+
+What a method declares (class attributes):
+
+* ``name``: the ``--distill`` value.
+* ``paper``: title, venue and arXiv id of the paper.
+* ``defaults``: the published loss weights (``gamma`` CE, ``alpha`` KD, ``beta`` this method), from
+  RepDistiller's ``scripts/run_cifar_distill.sh`` or the method's paper/official code.
+* ``preact``: the student and teacher are asked for pre-activation features (AB).
+* ``needs_contrast``: the data pipeline must supply CRD contrast indices (``batch.contrast_idx``).
+* ``has_loss``: ``False`` for methods without a term of their own (plain KD: its loss is ``alpha * KL``).
+* ``init_stage``: the method has an init stage of ``--init_epochs`` epochs (AB, FT, FSP).
+
+What a method implements:
+
+* ``__init__(s_shapes, t_shapes, args, n_data)``: build the loss and trainable adapters.
+  ``s_shapes``/``t_shapes`` are per-sample shapes of the model feature lists (``is_feat=True``; the
+  last entry is the pooled vector). ``args`` is the parsed command line (read-only). ``n_data`` is the
+  number of training images (CRD's memory size).
+* ``check_pair(s_shapes, t_shapes, args)`` (classmethod): raise :class:`PairError` with a message that
+  names the pair and the reason when the method cannot serve it. Called before anything is built.
+* ``forward(out_s, out_t, batch) -> Tensor``: the method's scalar loss (before ``beta``). ``out_s`` and
+  ``out_t`` are :class:`models.FeatureOutput` (``feats``, ``logits``); ``batch`` is a
+  :class:`dataset.Batch` (``input``, ``target``, ``index``, ``contrast_idx``).
+* ``trainable_modules()``: the adapters trained in the main stage (default: every submodule that has
+  parameters). The engine puts the student and these in the optimizer, never the teacher.
+* For an init stage: ``init_modules(student)`` (the modules trained there) and
+  ``init_loss(out_s, out_t, batch)``.
+* ``add_arguments(parser)`` (classmethod): extra command-line flags of this method, if any.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+Shapes = Sequence[torch.Size]
+
+
+class PairError(ValueError):
+    """A method cannot serve a teacher/student pair (raised before any training)."""
+
+
+class Distiller(nn.Module):
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, float]] = {"gamma": 1.0, "alpha": 0.0, "beta": 0.0}
+    preact: ClassVar[bool] = False
+    needs_contrast: ClassVar[bool] = False
+    has_loss: ClassVar[bool] = True
+    init_stage: ClassVar[bool] = False
+
+    def __init__(self, s_shapes: Shapes, t_shapes: Shapes, args: Any, n_data: int) -> None:
+        super().__init__()
+
+    @classmethod
+    def check_pair(cls, s_shapes: Shapes, t_shapes: Shapes, args: Any) -> None:
+        """Raise :class:`PairError` when the method cannot serve this pair."""
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add this method's own command-line flags (none by default)."""
+
+    def forward(self, out_s: Any, out_t: Any, batch: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [m for m in self.children() if any(p.requires_grad for p in m.parameters())]
+
+    def init_modules(self, student: nn.Module) -> list[nn.Module]:
+        return []
+
+    def init_loss(self, out_s: Any, out_t: Any, batch: Any) -> torch.Tensor:
+        raise NotImplementedError(f"{self.name} has no init stage")
+
+
+REGISTRY: dict[str, type[Distiller]] = {}
+
+
+def register(cls: type[Distiller]) -> type[Distiller]:
+    """Class decorator: make ``cls`` available as ``--distill cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def get_method(name: str) -> type[Distiller]:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown method {name!r}; valid --distill values: {', '.join(method_names())}"
+        ) from None
+
+
+def parameters_of(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
+    return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """The method flags of RepDistiller's ``train_student.py`` (same names and defaults), then each
+    registered method's own flags."""
+    group = parser.add_argument_group("distillation method")
+    group.add_argument("--kd_T", type=float, default=4, help="temperature of the KD term (alpha)")
+    group.add_argument("--feat_dim", type=int, default=128, help="embedding size of CRD and CC")
+    group.add_argument("--mode", type=str, default="exact", choices=["exact", "relax"], help="CRD positives")
+    group.add_argument("--nce_k", type=int, default=16384, help="CRD negatives per sample")
+    group.add_argument("--nce_t", type=float, default=0.07, help="CRD temperature")
+    group.add_argument("--nce_m", type=float, default=0.5, help="CRD memory momentum")
+    group.add_argument("--hint_layer", type=int, default=2, choices=[0, 1, 2, 3, 4], help="FitNet feature index")
+    group.add_argument("--init_epochs", type=int, default=30, help="init stage of abound, factor and fsp")
+    for name in method_names():
+        REGISTRY[name].add_arguments(parser)
+
+
+def default_args(**overrides: Any) -> argparse.Namespace:
+    """The method flags at their defaults (for building methods outside the command line, e.g. tests)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_method_arguments(parser)
+    args = parser.parse_args([])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args

@@ -1,0 +1,60 @@
+"""Build the data pipeline of a run from its flags."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from dataset import CRDSampler, DataError, DeviceLoader, load_cifar100, resolve_data_folder, split_indices
+
+log = logging.getLogger("kd")
+
+
+@dataclass
+class RunData:
+    train_loader: DeviceLoader
+    test_loader: DeviceLoader
+    val_loader: DeviceLoader | None
+    n_data: int  # training images held (CRD's memory size)
+
+
+def build_data(args: argparse.Namespace, device: torch.device, seed: int, contrast: bool) -> RunData:
+    """Load CIFAR-100, take the subset and validation split, and put the loaders on ``device``.
+
+    The training subset is re-indexed 0..n-1, so ``Batch.index`` addresses rows of CRD's memory directly.
+    """
+    data = load_cifar100(resolve_data_folder(args.data_folder))
+    train_idx, val_idx = split_indices(data.train_labels, args.train_size, args.val_size, seed)
+    images, labels = data.train_images[train_idx], data.train_labels[train_idx]
+    memory_format = torch.channels_last if args.channels_last else None
+    crd = None
+    if contrast:
+        negatives = len(labels) - int(torch.bincount(labels).max())
+        if args.nce_k > negatives:
+            raise DataError(
+                f"--nce_k {args.nce_k} is larger than the {negatives} negatives available per class in the "
+                f"{len(labels)} training images; use --nce_k {negatives} or fewer"
+            )
+        crd = CRDSampler(labels, args.nce_k, mode=args.mode, seed=seed, device=device)
+    train = DeviceLoader(
+        images, labels, args.batch_size, device, train=True, seed=seed, drop_last=args.drop_last, crd=crd,
+        memory_format=memory_format,
+    )  # fmt: skip
+    test = DeviceLoader(
+        data.test_images, data.test_labels, args.eval_batch_size, device, train=False, seed=seed,
+        memory_format=memory_format,
+    )  # fmt: skip
+    val = None
+    if len(val_idx):
+        val = DeviceLoader(
+            data.train_images[val_idx], data.train_labels[val_idx], args.eval_batch_size, device, train=False,
+            seed=seed, memory_format=memory_format,
+        )  # fmt: skip
+    log.info(
+        "data: %d training, %d validation, %d test images from %s", len(labels), len(val_idx),
+        len(data.test_labels), data.root,
+    )  # fmt: skip
+    return RunData(train, test, val, len(labels))

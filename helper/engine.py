@@ -1,0 +1,297 @@
+"""One training loop for teacher training, student training and init stages, and one evaluation.
+
+What differs between those three is an *objective*: a callable that takes a batch and returns the named,
+weighted loss terms and the logits used for the training accuracy. The loop itself never names a method.
+
+Nothing on the hot path synchronises the host with the device: losses and accuracies accumulate in
+device tensors and are read once per print interval and at the end of the epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dataset.batch import Batch
+from distiller_zoo import Distiller
+from distiller_zoo.KD import DistillKL
+
+log = logging.getLogger(__name__)
+
+Terms = dict[str, tuple[float, torch.Tensor]]  # name -> (weight, unweighted scalar loss)
+
+
+class NonFiniteLoss(RuntimeError):
+    """A training loss became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Precision
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Autocast settings for one run: ``none`` (fp32), ``bf16`` or ``fp16`` (with a gradient scaler)."""
+
+    amp: str
+    device_type: str
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device_type, enabled=self.amp == "fp16")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Objectives
+
+
+class Objective:
+    """Maps a batch to named loss terms and the logits to score. Subclasses set the modules' modes."""
+
+    def train(self) -> None:
+        raise NotImplementedError
+
+    def __call__(self, batch: Batch) -> tuple[Terms, torch.Tensor]:
+        raise NotImplementedError
+
+
+def _term(terms: Terms, name: str, weight: float, compute: Callable[[], torch.Tensor]) -> None:
+    """Add a term only when its weight is non-zero (zero-weight terms are never computed)."""
+    if weight != 0:
+        terms[name] = (weight, compute())
+
+
+class ClassifierObjective(Objective):
+    """Plain cross-entropy training (teachers and vanilla students)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def train(self) -> None:
+        self.model.train()
+
+    def __call__(self, batch: Batch) -> tuple[Terms, torch.Tensor]:
+        logits = self.model(batch.input)
+        return {"ce": (1.0, F.cross_entropy(logits, batch.target))}, logits
+
+
+def teacher_forward(teacher: nn.Module, x: torch.Tensor, preact: bool) -> Any:
+    """The frozen teacher under inference mode. Its outputs are cloned out of inference mode so that
+    losses may save them for the student's backward pass."""
+    with torch.inference_mode():
+        out = teacher(x, is_feat=True, preact=preact)
+    return type(out)([f.clone() for f in out.feats], out.logits.clone())
+
+
+class DistillObjective(Objective):
+    """``gamma * CE + alpha * KL_T + beta * method`` (RepDistiller's ``train_distill``)."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        distiller: Distiller,
+        gamma: float,
+        alpha: float,
+        beta: float,
+        kd_T: float,
+    ) -> None:
+        self.student, self.teacher, self.distiller = student, teacher, distiller
+        self.gamma, self.alpha = gamma, alpha
+        self.beta = beta if distiller.has_loss else 0.0
+        self.kd = DistillKL(kd_T)
+
+    def train(self) -> None:
+        self.student.train()
+        self.distiller.train()
+        self.teacher.eval()
+
+    def __call__(self, batch: Batch) -> tuple[Terms, torch.Tensor]:
+        preact = self.distiller.preact
+        out_s = self.student(batch.input, is_feat=True, preact=preact)
+        out_t = teacher_forward(self.teacher, batch.input, preact)
+        terms: Terms = {}
+        _term(terms, "ce", self.gamma, lambda: F.cross_entropy(out_s.logits, batch.target))
+        _term(terms, "kd", self.alpha, lambda: self.kd(out_s.logits, out_t.logits))
+        _term(terms, self.distiller.name, self.beta, lambda: self.distiller(out_s, out_t, batch))
+        return terms, out_s.logits
+
+
+class InitObjective(Objective):
+    """The init stage of AB, FT and FSP: only the method's init loss, on the modules it names."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, distiller: Distiller) -> None:
+        self.student, self.teacher, self.distiller = student, teacher, distiller
+        self.modules = distiller.init_modules(student)
+
+    def train(self) -> None:
+        # RepDistiller's init(): teacher and student in eval, the init modules in train mode.
+        self.student.eval()
+        self.teacher.eval()
+        self.distiller.train()
+        for module in self.modules:
+            module.train()
+
+    def __call__(self, batch: Batch) -> tuple[Terms, torch.Tensor]:
+        preact = self.distiller.preact
+        out_s = self.student(batch.input, is_feat=True, preact=preact)
+        out_t = teacher_forward(self.teacher, batch.input, preact)
+        return {"init": (1.0, self.distiller.init_loss(out_s, out_t, batch))}, out_s.logits
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Meters on the device
+
+
+@dataclass
+class Meter:
+    """Sums of per-sample quantities kept on the device; read with :meth:`averages` (one sync)."""
+
+    device: torch.device
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    count: int = 0
+
+    def add(self, name: str, value: torch.Tensor, n: int) -> None:
+        value = value.detach().float() * n
+        if name in self.sums:
+            self.sums[name] += value
+        else:
+            self.sums[name] = value.clone()
+
+    def averages(self) -> dict[str, float]:
+        if not self.sums or self.count == 0:
+            return {}
+        names = list(self.sums)
+        values = torch.stack([self.sums[k] for k in names]).cpu().tolist()
+        return {k: v / self.count for k, v in zip(names, values)}
+
+
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Iterable[int] = (1,)) -> list[torch.Tensor]:
+    """Number of samples whose target is among the top-k logits, for each k (device tensors)."""
+    maxk = max(ks)
+    pred = logits.topk(maxk, dim=1).indices  # (B, maxk)
+    hit = pred.eq(target[:, None])  # (B, maxk)
+    return [hit[:, :k].any(dim=1).sum() for k in ks]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class StepControl:
+    """What the loop checks between steps: a stop request (signal) and the non-finite policy."""
+
+    skip_nonfinite: bool = False
+    stop_requested: Callable[[], bool] = lambda: False
+    skipped: int = 0
+
+
+def train_one_epoch(
+    objective: Objective,
+    loader: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    precision: Precision,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    epoch: int,
+    label: str = "train",
+    print_freq: int = 100,
+    control: StepControl | None = None,
+    progress: Callable[[Iterable[Batch]], Iterator[Batch]] = iter,
+) -> dict[str, float]:
+    """One pass over ``loader``; returns the epoch's mean of every term, the total loss and accuracy.
+
+    The returned dict has ``loss``, ``acc`` (top-1 %, on the augmented training batches), one
+    ``loss_<name>`` per term, ``images``, ``seconds`` and, when a stop was requested, ``stopped_at``.
+    """
+    control = control or StepControl()
+    objective.train()
+    meter = Meter(device)
+    start = time.perf_counter()
+    stopped_at = None
+    pending: tuple[int, torch.Tensor] | None = None  # the previous step's loss, checked one step late
+    for step, batch in enumerate(progress(loader)):
+        with precision.autocast():
+            terms, logits = objective(batch)
+        loss = sum(weight * value.float() for weight, value in terms.values())
+        if control.skip_nonfinite:
+            # Skipping needs the answer before the update: one host sync per step, by request only.
+            if not bool(torch.isfinite(loss)):
+                control.skipped += 1
+                log.warning("%s: skipped a non-finite loss at epoch %d, step %d", label, epoch, step)
+                continue
+        elif pending is not None:
+            # Checked one step late so that the device already has the next step queued; a bad step's
+            # update never reaches a checkpoint because the run stops here.
+            _raise_if_nonfinite(pending, label, epoch)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        pending = (step, loss.detach())
+
+        n = batch.target.shape[0]
+        meter.count += n
+        meter.add("loss", loss, n)
+        for name, (_, value) in terms.items():
+            meter.add(f"loss_{name}", value, n)
+        (correct,) = topk_correct(logits.detach(), batch.target)
+        meter.add("acc", correct * (100.0 / n), n)
+        if print_freq and step % print_freq == 0 and log.isEnabledFor(logging.DEBUG):
+            averages = meter.averages()
+            log.debug("%s epoch %d step %d: %s", label, epoch, step, averages)
+        if control.stop_requested():
+            stopped_at = step + 1
+            break
+    if pending is not None:
+        _raise_if_nonfinite(pending, label, epoch)
+    result = meter.averages()
+    result["images"] = meter.count
+    result["seconds"] = time.perf_counter() - start
+    if stopped_at is not None:
+        result["stopped_at"] = stopped_at
+    return result
+
+
+def _raise_if_nonfinite(pending: tuple[int, torch.Tensor], label: str, epoch: int) -> None:
+    step, loss = pending
+    value = loss.item()
+    if not math.isfinite(value):
+        raise NonFiniteLoss(f"{label}: the loss is {value} at epoch {epoch}, step {step}")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[Batch], precision: Precision, device: torch.device) -> dict:
+    """Top-1 and top-5 accuracy (%) and mean cross-entropy of ``model`` over ``loader``."""
+    was_training = model.training
+    model.eval()
+    meter = Meter(device)
+    for batch in loader:
+        with precision.autocast():
+            logits = model(batch.input)
+        n = batch.target.shape[0]
+        meter.count += n
+        meter.add("loss", F.cross_entropy(logits.float(), batch.target), n)
+        top1, top5 = topk_correct(logits, batch.target, (1, 5))
+        meter.add("acc", top1 * (100.0 / n), n)
+        meter.add("acc_top5", top5 * (100.0 / n), n)
+    model.train(was_training)
+    return meter.averages()

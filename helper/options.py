@@ -1,0 +1,233 @@
+"""Command-line flags of ``train_teacher.py`` and ``train_student.py``.
+
+Every flag of RepDistiller's two scripts keeps its name and default, so its published commands run
+verbatim. New flags follow the same spelling. Parsed flags are never changed afterwards: values derived
+from them (the effective learning rate, the loss weights, the run folder) are computed by the functions
+below and stored under names of their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from distiller_zoo import get_method, method_names
+from distiller_zoo.base import add_method_arguments
+from models import model_names
+
+# RepDistiller lowers the learning rate of these students to 0.01 (train_student.py / train_teacher.py).
+SMALL_LR_MODELS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+DEFAULT_LR = 0.05
+SMALL_LR = 0.01
+
+
+class UsageError(ValueError):
+    """A flag value that cannot work; reported as one line before any work starts."""
+
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    # RepDistiller's flags and defaults.
+    add("--print_freq", type=int, default=100, help="steps between progress lines")
+    add("--tb_freq", type=int, default=500, help="accepted for compatibility (unused, as in RepDistiller)")
+    add("--save_freq", type=int, default=40, help="save a checkpoint every N epochs")
+    add("--batch_size", type=int, default=64, help="training batch size")
+    add("--num_workers", type=int, default=8, help="accepted for compatibility; the data lives on the device")
+    add("--epochs", type=int, default=240, help="number of training epochs")
+    add(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help="SGD learning rate (default 0.05; 0.01 for MobileNetV2/ShuffleV1/ShuffleV2, as RepDistiller)",
+    )
+    add("--lr_decay_epochs", type=str, default="150,180,210", help="epochs after which the LR decays")
+    add("--lr_decay_rate", type=float, default=0.1, help="LR decay factor")
+    add("--weight_decay", type=float, default=5e-4, help="SGD weight decay")
+    add("--momentum", type=float, default=0.9, help="SGD momentum")
+    add("--dataset", type=str, default="cifar100", choices=["cifar100"], help="dataset")
+    # New flags.
+    add("--data_folder", type=str, default=None, help="CIFAR-100 root (default: $CIFAR100_ROOT, else ./data)")
+    add("--train_size", type=int, default=None, help="class-balanced training subset of N images")
+    add("--val_size", type=int, default=0, help="hold out N training images (class-balanced) for validation")
+    add("--seed", type=int, default=None, help="random seed (default: derived from --trial)")
+    add("--deterministic", action="store_true", help="bit-identical reruns (deterministic kernels)")
+    add("--resume", type=str, default=None, help="checkpoint to resume from, or 'auto' for the run's latest")
+    add("--device", type=str, default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    add("--save_dir", type=str, default="./save", help="root of the run folders")
+    add("--run_name", type=str, default=None, help="run folder name (default: RepDistiller's naming)")
+    add("--eval_batch_size", type=int, default=1000, help="evaluation batch size")
+    add("--drop_last", action="store_true", help="drop the last partial training batch")
+    add("--amp", type=str, default="none", choices=["none", "bf16", "fp16"], help="autocast precision")
+    add("--channels_last", action="store_true", help="channels-last memory format")
+    add("--compile", action="store_true", help="torch.compile the model forwards")
+    add("--skip_nonfinite", action="store_true", help="skip steps whose loss is not finite (counted)")
+
+
+def teacher_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train a model of the zoo on CIFAR-100 (cross-entropy).")
+    _common_arguments(parser)
+    parser.add_argument("--model", type=str, default="resnet110", help=f"one of: {', '.join(model_names())}")
+    parser.add_argument("-t", "--trial", type=int, default=0, help="trial id (folder name and default seed)")
+    return parser
+
+
+def student_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Distil a frozen teacher into a student on CIFAR-100.")
+    _common_arguments(parser)
+    parser.add_argument("--model_s", type=str, default="resnet8", help=f"one of: {', '.join(model_names())}")
+    parser.add_argument("--path_t", type=str, default=None, help="teacher checkpoint")
+    parser.add_argument("--model_t", type=str, default=None, help="teacher architecture if not recorded")
+    parser.add_argument("--distill", type=str, default="kd", help=f"one of: {', '.join(method_names())}")
+    parser.add_argument("--trial", type=str, default="1", help="trial id (folder name and default seed)")
+    parser.add_argument("-r", "--gamma", type=float, default=1, help="weight of the cross-entropy term")
+    parser.add_argument("-a", "--alpha", type=float, default=None, help="KD weight (default: the method's published)")
+    parser.add_argument(
+        "-b", "--beta", type=float, default=None, help="weight of the method's term (default: its published)"
+    )
+    add_method_arguments(parser)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Derived values
+
+
+def lr_decay_epochs(args: argparse.Namespace) -> list[int]:
+    try:
+        epochs = [int(e) for e in args.lr_decay_epochs.split(",") if e.strip()]
+    except ValueError:
+        raise UsageError(
+            f"--lr_decay_epochs {args.lr_decay_epochs!r}: expected comma-separated epochs, e.g. 150,180,210"
+        ) from None
+    if any(e <= 0 for e in epochs) or epochs != sorted(epochs):
+        raise UsageError(f"--lr_decay_epochs {args.lr_decay_epochs!r}: expected increasing positive epochs")
+    return epochs
+
+
+def effective_lr(args: argparse.Namespace, model_name: str) -> float:
+    """The user's --learning_rate if given, else RepDistiller's default for this model."""
+    if args.learning_rate is not None:
+        return args.learning_rate
+    return SMALL_LR if model_name in SMALL_LR_MODELS else DEFAULT_LR
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    gamma: float  # cross-entropy
+    alpha: float  # KD (KL at temperature kd_T)
+    beta: float  # the method's own term
+
+
+def loss_weights(args: argparse.Namespace) -> LossWeights:
+    """-r as given (RepDistiller's default 1); -a and -b default to the method's published weights."""
+    defaults = get_method(args.distill).defaults
+    alpha = defaults.get("alpha", 0.0) if args.alpha is None else args.alpha
+    beta = defaults.get("beta", 0.0) if args.beta is None else args.beta
+    return LossWeights(gamma=float(args.gamma), alpha=float(alpha), beta=float(beta))
+
+
+def seed_of(args: argparse.Namespace) -> int:
+    """--seed, else a number derived from --trial (so trials differ and each is reproducible)."""
+    if args.seed is not None:
+        return args.seed
+    digits = "".join(ch for ch in str(args.trial) if ch.isdigit())
+    return int(digits) if digits else sum(map(ord, str(args.trial)))
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def _protocol_suffix(args: argparse.Namespace) -> str:
+    """Runs with a non-standard protocol get their own folders, so they never mix with full runs."""
+    parts = []
+    if args.epochs != 240:
+        parts.append(f"ep{args.epochs}")
+    if args.train_size:
+        parts.append(f"n{args.train_size}")
+    if args.val_size:
+        parts.append(f"val{args.val_size}")
+    return "".join(f"_{p}" for p in parts)
+
+
+def teacher_run_folder(args: argparse.Namespace) -> Path:
+    """RepDistiller's ``save/models/{model}_{dataset}_lr_{lr}_decay_{wd}_trial_{trial}``."""
+    lr = effective_lr(args, args.model)
+    name = args.run_name or (
+        f"{args.model}_{args.dataset}_lr_{_fmt(lr)}_decay_{_fmt(args.weight_decay)}_trial_{args.trial}"
+        + _protocol_suffix(args)
+    )
+    return Path(args.save_dir) / "models" / name
+
+
+def student_run_folder(args: argparse.Namespace, model_t: str) -> Path:
+    """RepDistiller's ``S:{s}_T:{t}_{dataset}_{distill}_r:{g}_a:{a}_b:{b}_{trial}`` with '-' for ':'."""
+    w = loss_weights(args)
+    name = args.run_name or (
+        f"S-{args.model_s}_T-{model_t}_{args.dataset}_{args.distill}"
+        f"_r-{_fmt(w.gamma)}_a-{_fmt(w.alpha)}_b-{_fmt(w.beta)}_{args.trial}" + _protocol_suffix(args)
+    )
+    return Path(args.save_dir) / "student_model" / name
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation: everything that can be checked from the flags alone, before any work.
+
+
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{name} {value}: must be positive")
+
+
+def _non_negative(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise UsageError(f"--{name} {value}: must be zero or positive")
+
+
+def _check_model(flag: str, name: str) -> None:
+    if name not in model_names():
+        raise UsageError(f"--{flag} {name!r}: unknown model; valid names: {', '.join(model_names())}")
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    _positive(args, "epochs", "batch_size", "learning_rate", "save_freq", "print_freq", "eval_batch_size")
+    _positive(args, "train_size", "lr_decay_rate")
+    _non_negative(args, "val_size", "weight_decay", "momentum")
+    lr_decay_epochs(args)
+    if args.device is not None:
+        import torch
+
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise UsageError(f"--device {args.device!r}: expected cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    if args.resume is not None and args.resume != "auto" and not os.path.isfile(args.resume):
+        raise UsageError(f"--resume {args.resume}: no such file (give a checkpoint path or 'auto')")
+
+
+def validate_teacher_args(args: argparse.Namespace) -> None:
+    _check_common(args)
+    _check_model("model", args.model)
+
+
+def validate_student_args(args: argparse.Namespace) -> None:
+    _check_common(args)
+    _check_model("model_s", args.model_s)
+    if args.model_t is not None:
+        _check_model("model_t", args.model_t)
+    if args.distill not in method_names():
+        raise UsageError(f"--distill {args.distill!r}: unknown method; valid: {', '.join(method_names())}")
+    if args.path_t is None:
+        raise UsageError("--path_t is required: the teacher checkpoint to distil from")
+    _non_negative(args, "gamma", "alpha", "beta", "init_epochs")
+    _positive(args, "kd_T", "nce_k", "nce_t", "feat_dim")
+    if not 0 <= args.nce_m < 1:
+        raise UsageError(f"--nce_m {args.nce_m}: must be in [0, 1)")

@@ -1,0 +1,385 @@
+"""A run from flags to ``summary.json``: set-up, stages, checkpoints, resume, records.
+
+``train_teacher.py`` and ``train_student.py`` only build what differs between them (the model, the
+objective, the stages) and hand a :class:`Run` to :func:`fit`; everything else lives here once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dataset import DeviceLoader
+from helper import checkpoint as ckpt_io
+from helper.engine import Objective, Precision, StepControl, evaluate, train_one_epoch
+from helper.options import UsageError
+from helper.records import Recorder, environment, write_json
+
+log = logging.getLogger("kd")
+
+# Flags that may differ between a run and its resumption; every other flag must match.
+RESUME_FREE_FLAGS = {
+    "resume", "device", "print_freq", "tb_freq", "num_workers", "save_freq", "compile", "eval_batch_size",
+    "data_folder", "epochs",
+}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Set-up
+
+
+def setup_logging(folder: Path | None = None) -> None:
+    """Console lines (and ``run.log`` in the run folder) through :mod:`logging`."""
+    root = logging.getLogger()
+    if not any(getattr(h, "_kd", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        handler._kd = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+    if folder is not None:
+        handler = logging.FileHandler(folder / "run.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        root.addHandler(handler)
+
+
+def choose_device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and torch; with ``deterministic``, also select deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True)
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def lr_schedule(base_lr: float, decay_epochs: list[int], rate: float) -> Callable[[int], float]:
+    """RepDistiller's step decay: epoch ``e`` (1-based) uses ``base * rate ** #{d in decay_epochs : d < e}``."""
+    return lambda epoch: base_lr * rate ** sum(epoch > d for d in decay_epochs)
+
+
+def sgd(modules: list[nn.Module], lr: float, args: argparse.Namespace) -> torch.optim.SGD:
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class Stage:
+    """A sequence of epochs with one objective and one optimizer (``init`` or ``main``)."""
+
+    name: str
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    epochs: int
+    lr_at: Callable[[int], float]
+    evaluate: bool = True  # RepDistiller's init stages do not evaluate
+
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    kind: str  # "teacher" or "student"
+    folder: Path
+    device: torch.device
+    precision: Precision
+    seed: int
+    model: nn.Module  # the model being trained (evaluated and saved under "model")
+    arch: str
+    stages: list[Stage]
+    train_loader: DeviceLoader
+    test_loader: DeviceLoader
+    val_loader: DeviceLoader | None = None
+    extra_state: dict[str, nn.Module] = field(default_factory=dict)  # e.g. the distiller (CRD memory...)
+    summary: dict[str, Any] = field(default_factory=dict)  # facts known before training (teacher acc, ...)
+    config: dict[str, Any] = field(default_factory=dict)  # derived values written to args.json
+    resume_path: Path | None = None  # from prepare_folder(), called before any work
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop stops at the next step boundary and saves."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        def handler(signum: int, frame: Any) -> None:
+            if self.signum is not None:  # a second signal: stop now
+                raise KeyboardInterrupt
+            self.signum = signum
+            log.warning("received %s: stopping at the next step and saving a checkpoint", signal.Signals(signum).name)
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def prepare_folder(folder: Path, args: argparse.Namespace) -> Path | None:
+    """Create the run folder, refusing to overwrite another run; returns the checkpoint to resume from."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"--save_dir {args.save_dir}: cannot write the run folder {folder} ({exc.strerror})") from None
+    lock = folder / "run.lock"
+    if lock.exists():
+        pid = int(lock.read_text().strip() or 0)
+        if pid and _alive(pid) and pid != os.getpid():
+            raise UsageError(f"run folder {folder} is in use by process {pid}; wait for it or choose another --trial")
+    started = (folder / "args.json").exists()
+    if args.resume is None:
+        if started:
+            raise UsageError(
+                f"run folder {folder} already holds a run; pass --resume auto to continue it, "
+                "or another --trial / --run_name for a new one"
+            )
+        return None
+    if args.resume == "auto":
+        latest = folder / "latest.pth"
+        return latest if latest.exists() else None
+    return Path(args.resume)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _check_resumable(state: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
+    saved = state.get("args")
+    if not isinstance(saved, dict) or "stage" not in state:
+        raise UsageError(f"--resume {path}: not a checkpoint of this project's runs (no run state)")
+    current = vars(args)
+    for key, value in current.items():
+        if key in RESUME_FREE_FLAGS or key not in saved:
+            continue
+        if saved[key] != value:
+            raise UsageError(
+                f"--resume {path}: that run used --{key} {saved[key]!r}, this one --{key} {value!r}; "
+                "resume with the same flags"
+            )
+
+
+def _state(run: Run, stage: Stage, epoch: int, step: int, best: dict[str, Any], skipped: int) -> dict[str, Any]:
+    state = {
+        "arch": run.arch,
+        "kind": run.kind,
+        "model": run.model.state_dict(),
+        "stage": stage.name,
+        "epoch": epoch,  # epochs of this stage completed
+        "step": step,  # steps of the next epoch already done (a stop between steps), else 0
+        "optimizer": stage.optimizer.state_dict(),
+        "rng": ckpt_io.rng_state(),
+        "args": vars(run.args),
+        "accuracy": best.get("last_acc"),
+        "best": dict(best),
+        "skipped_steps": skipped,
+    }
+    for name, module in run.extra_state.items():
+        state[name] = module.state_dict()
+    return state
+
+
+def fit(run: Run) -> dict[str, Any]:
+    """Train every stage of ``run`` (resuming if asked), then write ``summary.json``; returns it."""
+    lock = run.folder / "run.lock"
+    lock.write_text(str(os.getpid()))
+    try:
+        return _fit(run, run.resume_path)
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+
+
+def _fit(run: Run, resume_path: Path | None) -> dict[str, Any]:
+    args = run.args
+    setup_logging(run.folder)
+    recorder = Recorder(run.folder)
+    best: dict[str, Any] = {"best_acc": 0.0, "best_epoch": 0, "val_best_acc": -1.0}
+    start = ("init", 0, 0) if run.stages and run.stages[0].name == "init" else ("main", 0, 0)
+    skipped = 0
+    if resume_path is not None:
+        state = ckpt_io.load_checkpoint(resume_path)
+        _check_resumable(state, args, resume_path)
+        run.model.load_state_dict(state["model"])
+        for name, module in run.extra_state.items():
+            module.load_state_dict(state[name])
+        best = dict(state["best"])
+        skipped = state.get("skipped_steps", 0)
+        start = (state["stage"], state["epoch"], state["step"])
+        ckpt_io.set_rng_state(state["rng"])
+        for stage in run.stages:
+            if stage.name == state["stage"]:
+                stage.optimizer.load_state_dict(state["optimizer"])
+        recorder.truncate_after(state["stage"], state["epoch"])
+        log.info("resuming %s from %s: stage %s, epoch %d, step %d", run.folder, resume_path, *start)
+    else:
+        write_json(run.folder / "args.json", {"args": vars(args), **run.config})
+    log.info("run folder: %s", run.folder)
+
+    stop = _StopFlag()
+    control = StepControl(skip_nonfinite=args.skip_nonfinite, stop_requested=stop)
+    control.skipped = skipped
+    scaler = run.precision.scaler()
+    wall_start = time.perf_counter()
+    images_seen, train_seconds = 0, 0.0
+    stage_names = [s.name for s in run.stages]
+    first_stage = stage_names.index(start[0])
+    with stop.installed():
+        for si, stage in enumerate(run.stages[first_stage:], start=first_stage):
+            done_epochs = start[1] if si == first_stage else 0
+            skip_steps = start[2] if si == first_stage else 0
+            for epoch in range(done_epochs + 1, stage.epochs + 1):
+                data_epoch = epoch + sum(s.epochs for s in run.stages[:si])  # distinct shuffles across stages
+                lr = stage.lr_at(epoch)
+                for group in stage.optimizer.param_groups:
+                    group["lr"] = lr
+                batches = run.train_loader.epoch(data_epoch, start_batch=skip_steps)
+                stats = train_one_epoch(
+                    stage.objective, batches, stage.optimizer, run.precision, scaler, run.device, epoch,
+                    label=f"{stage.name}", print_freq=args.print_freq, control=control,
+                    progress=_progress(len(run.train_loader) - skip_steps, f"{stage.name} {epoch}"),
+                )  # fmt: skip
+                if "stopped_at" in stats:
+                    steps = skip_steps + stats["stopped_at"]
+                    path = run.folder / "latest.pth"
+                    ckpt_io.save_atomic(_state(run, stage, epoch - 1, steps, best, control.skipped), path)
+                    raise SystemExit(
+                        f"stopped by {signal.Signals(stop.signum).name} at {stage.name} epoch {epoch}, step {steps}; "
+                        f"saved {path}. Resume with the same command plus --resume auto"
+                    )
+                skip_steps = 0
+                images_seen += stats["images"]
+                train_seconds += stats["seconds"]
+                row = _epoch_row(run, stage, epoch, lr, stats, best)
+                recorder.epoch(row)
+                _save(run, stage, epoch, best, control.skipped, row)
+    summary = _summary(run, best, time.perf_counter() - wall_start, images_seen, train_seconds, control.skipped)
+    write_json(run.folder / "summary.json", summary)
+    recorder.close()
+    log.info(
+        "done: test_acc %.2f (last epoch), best %.2f at epoch %d; %s",
+        summary["test_acc"], summary["best_acc"], summary["best_epoch"], run.folder,
+    )  # fmt: skip
+    return summary
+
+
+def _progress(total: int, desc: str) -> Callable[[Any], Any]:
+    """A tqdm bar when attached to a terminal, nothing otherwise."""
+    if not sys.stderr.isatty():
+        return iter
+    from tqdm import tqdm
+
+    return lambda it: iter(tqdm(it, total=total, desc=desc, leave=False, dynamic_ncols=True))
+
+
+def _epoch_row(run: Run, stage: Stage, epoch: int, lr: float, stats: dict, best: dict) -> dict[str, Any]:
+    row: dict[str, Any] = {"stage": stage.name, "epoch": epoch, "lr": lr}
+    row["train_loss"] = stats.get("loss")
+    row["train_acc"] = stats.get("acc")
+    row.update({k: v for k, v in stats.items() if k.startswith("loss_")})
+    row["epoch_time"] = stats["seconds"]
+    row["images_per_sec"] = stats["images"] / max(stats["seconds"], 1e-9)
+    if stage.evaluate:
+        test = evaluate(run.model, run.test_loader, run.precision, run.device)
+        row.update(test_acc=test["acc"], test_acc_top5=test["acc_top5"], test_loss=test["loss"])
+        if stage.name == "main":
+            best["last_acc"], best["last_acc_top5"] = test["acc"], test["acc_top5"]
+            best["new_best"] = test["acc"] > best["best_acc"]
+            if best["new_best"]:
+                best["best_acc"], best["best_epoch"] = test["acc"], epoch
+        if run.val_loader is not None:
+            val = evaluate(run.model, run.val_loader, run.precision, run.device)
+            row.update(val_acc=val["acc"], val_loss=val["loss"])
+            if stage.name == "main" and val["acc"] > best["val_best_acc"]:
+                best.update(val_best_acc=val["acc"], val_best_epoch=epoch, test_acc_at_val_best=test["acc"])
+    line = " ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float))
+    log.info("%s epoch %d/%d: %s", stage.name, epoch, stage.epochs, line)
+    return row
+
+
+def _save(run: Run, stage: Stage, epoch: int, best: dict, skipped: int, row: dict) -> None:
+    state = _state(run, stage, epoch, 0, best, skipped)
+    ckpt_io.save_atomic(state, run.folder / "latest.pth")
+    if stage.name != "main":
+        return
+    if epoch % run.args.save_freq == 0 or epoch == stage.epochs:
+        ckpt_io.save_atomic(state, run.folder / f"ckpt_epoch_{epoch}.pth")
+    if best.pop("new_best", False):
+        # RepDistiller's best checkpoint: selected on the TEST set, kept for compatibility only.
+        best_state = {"arch": run.arch, "epoch": epoch, "model": state["model"], "best_acc": best["best_acc"]}
+        ckpt_io.save_atomic(best_state, run.folder / f"{run.arch}_best.pth")
+    if run.val_loader is not None and best.get("val_best_epoch") == epoch:
+        val_state = {"arch": run.arch, "epoch": epoch, "model": state["model"], "val_acc": row.get("val_acc")}
+        ckpt_io.save_atomic(val_state, run.folder / f"{run.arch}_val_best.pth")
+    if epoch == stage.epochs:
+        last = {"arch": run.arch, "epoch": epoch, "model": state["model"], "accuracy": row.get("test_acc")}
+        ckpt_io.save_atomic(last, run.folder / f"{run.arch}_last.pth")
+
+
+def _summary(run: Run, best: dict, wall: float, images: int, seconds: float, skipped: int) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "kind": run.kind,
+        "arch": run.arch,
+        "test_acc": best.get("last_acc"),
+        "test_acc_top5": best.get("last_acc_top5"),
+        "best_acc": best["best_acc"],
+        "best_epoch": best["best_epoch"],
+        "params": count_parameters(run.model),
+        "wall_time": wall,
+        "images_per_sec": images / seconds if seconds else None,
+        "seed": run.seed,
+        "skipped_steps": skipped,
+        "environment": environment(run.device),
+        **run.summary,
+    }
+    if run.val_loader is not None:
+        summary["val_best_acc"] = best.get("val_best_acc")
+        summary["val_best_epoch"] = best.get("val_best_epoch")
+        summary["test_acc_at_val_best"] = best.get("test_acc_at_val_best")
+    return summary

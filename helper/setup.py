@@ -1,0 +1,71 @@
+"""Shared pieces of the two entry points: one-line errors, and placing a model on its device."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from dataset import DataError
+from distiller_zoo import PairError
+from helper.checkpoint import CheckpointError
+from helper.engine import NonFiniteLoss
+from helper.options import UsageError
+
+log = logging.getLogger("kd")
+
+# Errors a user can cause or must act on: reported as one line, without a traceback.
+USER_ERRORS = (UsageError, DataError, PairError, CheckpointError)
+
+
+@contextlib.contextmanager
+def cli_errors() -> Iterator[None]:
+    """Turn user errors into ``error: <message>`` and exit status 2; a non-finite loss into status 3."""
+    try:
+        yield
+    except USER_ERRORS as exc:
+        log.error("error: %s", exc)
+        raise SystemExit(2) from None
+    except NonFiniteLoss as exc:
+        log.error("error: %s; the last good checkpoint is kept (see --skip_nonfinite)", exc)
+        raise SystemExit(3) from None
+    except OSError as exc:
+        log.error("error: %s", exc)
+        raise SystemExit(1) from None
+
+
+def prepare_model(model: nn.Module, device: torch.device, args: argparse.Namespace) -> nn.Module:
+    """Move to the device, in channels-last format if asked. (Compilation wraps the forward only, so the
+    module and its ``state_dict`` keys stay those of the plain model.)"""
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.compile:
+        compile_forward(model)
+    return model
+
+
+def compile_forward(model: nn.Module) -> None:
+    """``torch.compile`` the model's forward in place.
+
+    Compilation happens at the first call, so that is where an unsupported platform fails: the first
+    failure logs a warning and the model runs eagerly from then on.
+    """
+    eager = model.forward
+    current = {"forward": torch.compile(eager)}
+
+    def forward(*args: object, **kwargs: object) -> object:
+        try:
+            return current["forward"](*args, **kwargs)
+        except Exception as exc:  # backend errors differ by platform and version
+            if current["forward"] is eager:
+                raise
+            log.warning("--compile: torch.compile failed here (%s: %s); running eagerly", type(exc).__name__, exc)
+            current["forward"] = eager
+            return eager(*args, **kwargs)
+
+    model.forward = forward  # type: ignore[method-assign]

@@ -1,0 +1,126 @@
+"""Distil a frozen teacher into a student on CIFAR-100: ``gamma * CE + alpha * KD + beta * method``.
+
+Runs RepDistiller's commands verbatim, e.g.::
+
+    python train_student.py --path_t ./save/models/resnet32x4_vanilla/ckpt_epoch_240.pth \\
+        --distill crd --model_s resnet8x4 -a 0 -b 0.8 --trial 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import asdict
+
+from distiller_zoo import get_method
+from helper import checkpoint as ckpt_io
+from helper.data import build_data
+from helper.engine import DistillObjective, InitObjective, Precision, evaluate
+from helper.options import (
+    effective_lr,
+    loss_weights,
+    lr_decay_epochs,
+    seed_of,
+    student_parser,
+    student_run_folder,
+    validate_student_args,
+)
+from helper.run import Run, Stage, choose_device, fit, lr_schedule, prepare_folder, seed_everything, setup_logging, sgd
+from helper.setup import cli_errors, prepare_model
+from models import create_model, feature_shapes
+
+log = logging.getLogger("kd")
+
+
+def build(args: argparse.Namespace) -> Run:
+    validate_student_args(args)
+    device = choose_device(args.device)
+    seed = seed_of(args)
+    seed_everything(seed, args.deterministic)
+    method = get_method(args.distill)
+    weights = loss_weights(args)
+
+    teacher, arch_t, _ = ckpt_io.load_teacher(args.path_t, args.model_t, num_classes=100)
+    folder = student_run_folder(args, arch_t)
+    resume_path = prepare_folder(folder, args)
+    student = create_model(args.model_s, num_classes=100)
+    s_shapes = feature_shapes(student, preact=method.preact)
+    t_shapes = feature_shapes(teacher, preact=method.preact)
+    method.check_pair(s_shapes, t_shapes, args)
+    data = build_data(args, device, seed, contrast=method.needs_contrast)
+    distiller = method(s_shapes, t_shapes, args, data.n_data)
+
+    precision = Precision(args.amp, device.type)
+    teacher = prepare_model(teacher, device, args)
+    student = prepare_model(student, device, args)
+    distiller.to(device)
+    lr = effective_lr(args, args.model_s)
+    main = Stage(
+        "main",
+        DistillObjective(student, teacher, distiller, weights.gamma, weights.alpha, weights.beta, args.kd_T),
+        sgd([student, *distiller.trainable_modules()], lr, args),
+        args.epochs,
+        lr_schedule(lr, lr_decay_epochs(args), args.lr_decay_rate),
+    )
+    stages = [main]
+    if method.init_stage and args.init_epochs > 0:
+        init_objective = InitObjective(student, teacher, distiller)
+        init_lr = distiller.init_lr(args, args.model_s) if hasattr(distiller, "init_lr") else lr
+        init = Stage(
+            "init", init_objective, sgd(init_objective.modules, init_lr, args), args.init_epochs,
+            lambda epoch: init_lr, evaluate=False,
+        )  # fmt: skip
+        stages.insert(0, init)
+
+    teacher_acc = evaluate(teacher, data.test_loader, precision, device)
+    log.info("teacher %s (%s): test accuracy %.2f", arch_t, args.path_t, teacher_acc["acc"])
+    log.info(
+        "student %s, method %s: gamma %g alpha %g beta %g, lr %g%s",
+        args.model_s, args.distill, weights.gamma, weights.alpha, weights.beta, lr,
+        "" if method.has_loss else f" ({args.distill} has no loss term of its own)",
+    )  # fmt: skip
+    return Run(
+        args=args,
+        kind="student",
+        folder=folder,
+        device=device,
+        precision=precision,
+        seed=seed,
+        model=student,
+        arch=args.model_s,
+        stages=stages,
+        train_loader=data.train_loader,
+        test_loader=data.test_loader,
+        val_loader=data.val_loader,
+        extra_state={"distiller": distiller},
+        summary={
+            "method": args.distill,
+            "model_s": args.model_s,
+            "model_t": arch_t,
+            "teacher_acc": teacher_acc["acc"],
+            "teacher_path": args.path_t,
+            "gamma": weights.gamma,
+            "alpha": weights.alpha,
+            "beta": weights.beta,
+            "lr": lr,
+            "epochs": args.epochs,
+            "train_size": data.n_data,
+            "val_size": args.val_size,
+            "adapter_params": sum(p.numel() for m in distiller.trainable_modules() for p in m.parameters()),
+        },
+        config={"model_t": arch_t, "lr": lr, "seed": seed, "weights": asdict(weights)},
+        resume_path=resume_path,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = student_parser().parse_args(argv)
+    with cli_errors():
+        fit(build(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

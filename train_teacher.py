@@ -1,0 +1,85 @@
+"""Train a model of the zoo on CIFAR-100 with cross-entropy (RepDistiller's ``train_teacher.py``).
+
+    python train_teacher.py --model resnet32x4
+
+The final checkpoint ``save/models/<model>_cifar100_lr_..._trial_<t>/ckpt_epoch_240.pth`` holds
+``{'model': state_dict, ...}`` and serves as ``--path_t`` of ``train_student.py`` (ours or RepDistiller's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from helper.data import build_data
+from helper.engine import ClassifierObjective, Precision
+from helper.options import (
+    effective_lr,
+    lr_decay_epochs,
+    seed_of,
+    teacher_parser,
+    teacher_run_folder,
+    validate_teacher_args,
+)
+from helper.run import Run, Stage, choose_device, fit, lr_schedule, prepare_folder, seed_everything, setup_logging, sgd
+from helper.setup import cli_errors, prepare_model
+from models import create_model
+
+log = logging.getLogger("kd")
+
+
+def build(args: argparse.Namespace) -> Run:
+    validate_teacher_args(args)
+    folder = teacher_run_folder(args)
+    resume_path = prepare_folder(folder, args)
+    device = choose_device(args.device)
+    seed = seed_of(args)
+    seed_everything(seed, args.deterministic)
+    data = build_data(args, device, seed, contrast=False)
+    model = prepare_model(create_model(args.model, num_classes=100), device, args)
+    lr = effective_lr(args, args.model)
+    stage = Stage(
+        "main",
+        ClassifierObjective(model),
+        sgd([model], lr, args),
+        args.epochs,
+        lr_schedule(lr, lr_decay_epochs(args), args.lr_decay_rate),
+    )
+    log.info("model %s, lr %g, %d training images", args.model, lr, data.n_data)
+    return Run(
+        args=args,
+        kind="teacher",
+        folder=folder,
+        device=device,
+        precision=Precision(args.amp, device.type),
+        seed=seed,
+        model=model,
+        arch=args.model,
+        stages=[stage],
+        train_loader=data.train_loader,
+        test_loader=data.test_loader,
+        val_loader=data.val_loader,
+        summary={
+            "method": "vanilla",
+            "model_s": args.model,
+            "lr": lr,
+            "epochs": args.epochs,
+            "train_size": data.n_data,
+            "val_size": args.val_size,
+        },
+        config={"lr": lr, "seed": seed},
+        resume_path=resume_path,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = teacher_parser().parse_args(argv)
+    with cli_errors():
+        fit(build(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
