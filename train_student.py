@@ -13,7 +13,7 @@ import logging
 import sys
 from dataclasses import asdict
 
-from distiller_zoo import get_method
+from distiller_zoo import get_method, kd_term
 from helper import checkpoint as ckpt_io
 from helper.data import build_data
 from helper.engine import DistillObjective, InitObjective, Precision, evaluate
@@ -26,7 +26,18 @@ from helper.options import (
     student_run_folder,
     validate_student_args,
 )
-from helper.run import Run, Stage, choose_device, fit, lr_schedule, prepare_folder, seed_everything, setup_logging, sgd
+from helper.run import (
+    Run,
+    Stage,
+    choose_device,
+    count_parameters,
+    fit,
+    lr_schedule,
+    prepare_folder,
+    seed_everything,
+    setup_logging,
+    sgd,
+)
 from helper.setup import cli_errors, prepare_model
 from models import create_model, feature_shapes
 
@@ -56,12 +67,14 @@ def build(args: argparse.Namespace) -> Run:
     student = prepare_model(student, device, args)
     distiller.to(device)
     lr = effective_lr(args, args.model_s)
+    kd = kd_term(args).to(device)
     main = Stage(
         "main",
-        DistillObjective(student, teacher, distiller, weights.gamma, weights.alpha, weights.beta, args.kd_T),
-        sgd([student, *distiller.trainable_modules()], lr, args),
+        DistillObjective(student, teacher, distiller, weights.gamma, weights.alpha, weights.beta, kd),
+        sgd([student, *distiller.trainable_modules(), kd], lr, args),
         args.epochs,
         lr_schedule(lr, lr_decay_epochs(args), args.lr_decay_rate),
+        on_epoch=lambda epoch: distiller.set_epoch(epoch, "main"),
     )
     stages = [main]
     if method.init_stage and args.init_epochs > 0:
@@ -69,10 +82,11 @@ def build(args: argparse.Namespace) -> Run:
         init_lr = distiller.init_lr(args, args.model_s) if hasattr(distiller, "init_lr") else lr
         init = Stage(
             "init", init_objective, sgd(init_objective.modules, init_lr, args), args.init_epochs,
-            lambda epoch: init_lr, evaluate=False,
+            lambda epoch: init_lr, evaluate=False, on_epoch=lambda epoch: distiller.set_epoch(epoch, "init"),
         )  # fmt: skip
         stages.insert(0, init)
 
+    deployed = distiller.deploy(student)
     teacher_acc = evaluate(teacher, data.test_loader, precision, device)
     log.info("teacher %s (%s): test accuracy %.2f", arch_t, args.path_t, teacher_acc["acc"])
     log.info(
@@ -93,7 +107,8 @@ def build(args: argparse.Namespace) -> Run:
         train_loader=data.train_loader,
         test_loader=data.test_loader,
         val_loader=data.val_loader,
-        extra_state={"distiller": distiller},
+        extra_state={"distiller": distiller, "kd_term": kd},
+        eval_model=deployed,
         summary={
             "method": args.distill,
             "model_s": args.model_s,
@@ -108,6 +123,7 @@ def build(args: argparse.Namespace) -> Run:
             "train_size": data.n_data,
             "val_size": args.val_size,
             "adapter_params": sum(p.numel() for m in distiller.trainable_modules() for p in m.parameters()),
+            "deployed_params": count_parameters(deployed or student),
         },
         config={"model_t": arch_t, "lr": lr, "seed": seed, "weights": asdict(weights)},
         resume_path=resume_path,

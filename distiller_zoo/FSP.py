@@ -82,8 +82,7 @@ class FSPDistiller(Distiller):
 
     name = "fsp"
     paper = (
-        "A Gift from Knowledge Distillation: Fast Optimization, Network Minimization and Transfer "
-        "Learning, CVPR 2017"
+        "A Gift from Knowledge Distillation: Fast Optimization, Network Minimization and Transfer Learning, CVPR 2017"
     )
     # beta 50: RepDistiller scripts/run_cifar_distill.sh, `--distill fsp -a 0 -b 50` (no effect there).
     defaults = {"gamma": 1.0, "alpha": 0.0, "beta": 50.0}

@@ -122,8 +122,9 @@ class FactorTransfer(nn.Module):
     The larger map is pooled to the smaller size; ``factor(f) = normalize(mean_c f^p1)`` flattened to
     (B, HW); the loss is ``mean |factor_s - factor_t|^p2``. With ``paper_factor=True`` the factor is the
     whole tensor flattened to (B, C' H W) and normalised, as the paper and its authors' code (mean L1 over
-    elements); both factors then need the same channel count, which the Translator guarantees. For an odd ``p2 > 1`` RepDistiller takes
-    the signed power (which can go negative); this takes the absolute value, the same for p2 = 1 and 2.
+    elements); both factors then need the same channel count, which the Translator guarantees. For an odd
+    ``p2 > 1`` RepDistiller takes the signed power (which can go negative); this takes the absolute value,
+    the same for p2 = 1 and 2.
     """
 
     def __init__(self, p1: float = 2, p2: float = 1, paper_factor: bool = False) -> None:
@@ -147,7 +148,7 @@ class FactorTransfer(nn.Module):
 class FT(Distiller):
     """``--distill factor``: FT on the last feature map ``feats[-2]``, with an init stage.
 
-    Stages (:meth:`set_stage`; the object starts in ``"init"``):
+    Stages (:meth:`set_stage`; the object starts in ``"init"``, the stage that runs first):
 
     * ``"init"``: the Paraphraser is trainable and follows ``train()``/``eval()``; :meth:`init_modules`
       returns it and :meth:`init_loss` is its reconstruction MSE.
@@ -155,7 +156,8 @@ class FT(Distiller):
       (RepDistiller sets it to eval each epoch and leaves it out of the optimizer). Only the Translator is
       trained (:meth:`trainable_modules`).
 
-    :meth:`init_lr` gives RepDistiller's init-stage learning rate (0.01 for CIFAR ResNet/WRN students).
+    The engine's per-epoch hook :meth:`set_epoch` enters the stage it names. :meth:`init_lr` gives
+    RepDistiller's init-stage learning rate (0.01 for CIFAR ResNet/WRN students).
     """
 
     name = "factor"
@@ -200,6 +202,11 @@ class FT(Distiller):
         self.paraphraser.requires_grad_(stage == "init")
         self.train(self.training)
 
+    def set_epoch(self, epoch: int, stage: str) -> None:
+        """The engine's per-epoch hook: enter ``stage`` (so a resumed run is in the right stage too)."""
+        if stage != self.stage:
+            self.set_stage(stage)
+
     def train(self, mode: bool = True) -> FT:
         super().train(mode)
         if self.stage == "main":
@@ -212,10 +219,16 @@ class FT(Distiller):
     def init_modules(self, student: nn.Module) -> list[nn.Module]:
         return [self.paraphraser]
 
-    def init_lr(self, student_name: str, lr: float) -> float:
-        """The init-stage learning rate: 0.01 for CIFAR ResNet/WRN students, else ``lr`` (the main-stage
-        learning rate the run uses), as RepDistiller's helper/pretrain.py."""
-        return SMALL_INIT_LR if student_name in SMALL_INIT_LR_STUDENTS else lr
+    def init_lr(self, args: Any, student_name: str) -> float:
+        """The init-stage learning rate, as RepDistiller's helper/pretrain.py: 0.01 for CIFAR ResNet/WRN
+        students, else the run's main learning rate (``--learning_rate``, or RepDistiller's default for
+        the student)."""
+        if student_name in SMALL_INIT_LR_STUDENTS:
+            return SMALL_INIT_LR
+        # Imported here: helper.options imports this package, so a module-level import would be circular.
+        from helper.options import effective_lr
+
+        return effective_lr(args, student_name)
 
     def init_loss(self, out_s: Any, out_t: Any, batch: Any) -> torch.Tensor:
         f_t = out_t.feats[-2]  # (B, C_t, H, W)

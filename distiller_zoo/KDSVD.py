@@ -87,8 +87,7 @@ def check_kdsvd_shapes(s_shapes: Shapes, t_shapes: Shapes) -> None:
     if min(len(s_shapes), len(t_shapes)) < 2:
         # The loss compares consecutive stages: with one stage it would be identically 0.
         raise PairError(
-            f"kdsvd needs at least two stage maps in both nets; student has {len(s_shapes)}, "
-            f"teacher {len(t_shapes)}"
+            f"kdsvd needs at least two stage maps in both nets; student has {len(s_shapes)}, teacher {len(t_shapes)}"
         )
     for i, (s, t) in enumerate(zip(s_shapes, t_shapes), start=1):
         if len(s) != 3 or len(t) != 3:

@@ -47,9 +47,7 @@ class NSTLoss(nn.Module):
         s = F.normalize(f_s.flatten(2), dim=2)  # (B, C_s, HW)
         t = F.normalize(f_t.flatten(2), dim=2)  # (B, C_t, HW)
         return (
-            self.poly_kernel(t, t).mean().detach()
-            + self.poly_kernel(s, s).mean()
-            - 2 * self.poly_kernel(s, t).mean()
+            self.poly_kernel(t, t).mean().detach() + self.poly_kernel(s, s).mean() - 2 * self.poly_kernel(s, t).mean()
         )
 
     @staticmethod
@@ -81,8 +79,7 @@ class NST(Distiller):
         for i, (s, t) in enumerate(zip(s_shapes[1:-1], t_shapes[1:-1]), start=1):
             if len(s) != 3 or len(t) != 3:
                 raise PairError(
-                    f"nst: feature {i} must be a (C, H, W) map in both nets; student {tuple(s)}, "
-                    f"teacher {tuple(t)}"
+                    f"nst: feature {i} must be a (C, H, W) map in both nets; student {tuple(s)}, teacher {tuple(t)}"
                 )
 
     def forward(self, out_s: Any, out_t: Any, batch: Any) -> torch.Tensor:

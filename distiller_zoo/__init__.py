@@ -8,9 +8,9 @@ classes such as ``DistillKL``, ``HintLoss``, ``CRDLoss``, and the adapters) are 
 import importlib
 import pkgutil
 
-from .base import REGISTRY, Distiller, PairError, get_method, method_names, register
+from .base import REGISTRY, Distiller, PairError, get_method, kd_term, method_names, register
 
-__all__ = ["REGISTRY", "Distiller", "PairError", "get_method", "method_names", "register"]
+__all__ = ["REGISTRY", "Distiller", "PairError", "get_method", "kd_term", "method_names", "register"]
 
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if _info.name.startswith("_") or _info.name == "base":

@@ -31,6 +31,13 @@ What a method implements:
 * For an init stage: ``init_modules(student)`` (the modules trained there) and
   ``init_loss(out_s, out_t, batch)``.
 * ``add_arguments(parser)`` (classmethod): extra command-line flags of this method, if any.
+
+Optional hooks (no-ops by default):
+
+* ``set_epoch(epoch, stage)``: called by the engine at the start of every epoch (``stage`` is ``"init"``
+  or ``"main"``), for schedules such as DKD's warm-up.
+* ``deploy(student)``: the network that is evaluated and deployed, when it is not the student itself
+  (SimKD keeps a projector and the teacher's classifier). Its extra parameters are reported.
 """
 
 from __future__ import annotations
@@ -77,6 +84,13 @@ class Distiller(nn.Module):
 
     def init_modules(self, student: nn.Module) -> list[nn.Module]:
         return []
+
+    def set_epoch(self, epoch: int, stage: str) -> None:
+        """Called at the start of every epoch; no-op by default."""
+
+    def deploy(self, student: nn.Module) -> nn.Module | None:
+        """The evaluated network when it is not ``student`` itself; ``None`` by default."""
+        return None
 
     def init_loss(self, out_s: Any, out_t: Any, batch: Any) -> torch.Tensor:
         raise NotImplementedError(f"{self.name} has no init stage")
@@ -136,3 +150,14 @@ def default_args(**overrides: Any) -> argparse.Namespace:
     for key, value in overrides.items():
         setattr(args, key, value)
     return args
+
+
+def kd_term(args: Any) -> nn.Module:
+    """The module of the KD (``alpha``) term: RepDistiller's ``DistillKL(kd_T)``, or, with ``--logit_stand``
+    or ``--ctkd``, the same KL on modified logits (``logit_modifiers.ModifiedKL``; with ``--ctkd`` it holds the
+    learned temperature, a parameter for the optimizer, and needs ``set_epoch(epoch, stage)`` every epoch)."""
+    from .KD import DistillKL
+    from .logit_modifiers import ModifiedKL, build_modifier
+
+    modifier = build_modifier(args, args.kd_T)
+    return DistillKL(args.kd_T) if modifier is None else ModifiedKL(modifier)

@@ -111,16 +111,18 @@ class DistillObjective(Objective):
         gamma: float,
         alpha: float,
         beta: float,
-        kd_T: float,
+        kd: nn.Module | float,
     ) -> None:
+        """``kd`` is the KD term's module (e.g. a logit-modified KL) or just its temperature."""
         self.student, self.teacher, self.distiller = student, teacher, distiller
         self.gamma, self.alpha = gamma, alpha
         self.beta = beta if distiller.has_loss else 0.0
-        self.kd = DistillKL(kd_T)
+        self.kd = kd if isinstance(kd, nn.Module) else DistillKL(kd)
 
     def train(self) -> None:
         self.student.train()
         self.distiller.train()
+        self.kd.train()
         self.teacher.eval()
 
     def __call__(self, batch: Batch) -> tuple[Terms, torch.Tensor]:

@@ -105,6 +105,7 @@ class Stage:
     epochs: int
     lr_at: Callable[[int], float]
     evaluate: bool = True  # RepDistiller's init stages do not evaluate
+    on_epoch: Callable[[int], None] = lambda epoch: None  # e.g. a method's warm-up schedule
 
 
 @dataclass
@@ -115,7 +116,7 @@ class Run:
     device: torch.device
     precision: Precision
     seed: int
-    model: nn.Module  # the model being trained (evaluated and saved under "model")
+    model: nn.Module  # the model being trained (saved under "model")
     arch: str
     stages: list[Stage]
     train_loader: DeviceLoader
@@ -125,6 +126,15 @@ class Run:
     summary: dict[str, Any] = field(default_factory=dict)  # facts known before training (teacher acc, ...)
     config: dict[str, Any] = field(default_factory=dict)  # derived values written to args.json
     resume_path: Path | None = None  # from prepare_folder(), called before any work
+    eval_model: nn.Module | None = None  # the network evaluated, when it is not ``model`` (SimKD)
+
+    @property
+    def evaluated(self) -> nn.Module:
+        return self.model if self.eval_model is None else self.eval_model
+
+
+class RunFinished(Exception):
+    """``--resume auto`` on a run that already finished: nothing to do (exit status 0)."""
 
 
 class _StopFlag:
@@ -175,6 +185,8 @@ def prepare_folder(folder: Path, args: argparse.Namespace) -> Path | None:
             )
         return None
     if args.resume == "auto":
+        if (folder / "summary.json").exists():
+            raise RunFinished(f"{folder} already finished (summary.json exists); nothing to do")
         latest = folder / "latest.pth"
         return latest if latest.exists() else None
     return Path(args.resume)
@@ -277,6 +289,7 @@ def _fit(run: Run, resume_path: Path | None) -> dict[str, Any]:
             for epoch in range(done_epochs + 1, stage.epochs + 1):
                 data_epoch = epoch + sum(s.epochs for s in run.stages[:si])  # distinct shuffles across stages
                 lr = stage.lr_at(epoch)
+                stage.on_epoch(epoch)
                 for group in stage.optimizer.param_groups:
                     group["lr"] = lr
                 batches = run.train_loader.epoch(data_epoch, start_batch=skip_steps)
@@ -326,7 +339,7 @@ def _epoch_row(run: Run, stage: Stage, epoch: int, lr: float, stats: dict, best:
     row["epoch_time"] = stats["seconds"]
     row["images_per_sec"] = stats["images"] / max(stats["seconds"], 1e-9)
     if stage.evaluate:
-        test = evaluate(run.model, run.test_loader, run.precision, run.device)
+        test = evaluate(run.evaluated, run.test_loader, run.precision, run.device)
         row.update(test_acc=test["acc"], test_acc_top5=test["acc_top5"], test_loss=test["loss"])
         if stage.name == "main":
             best["last_acc"], best["last_acc_top5"] = test["acc"], test["acc_top5"]
@@ -334,7 +347,7 @@ def _epoch_row(run: Run, stage: Stage, epoch: int, lr: float, stats: dict, best:
             if best["new_best"]:
                 best["best_acc"], best["best_epoch"] = test["acc"], epoch
         if run.val_loader is not None:
-            val = evaluate(run.model, run.val_loader, run.precision, run.device)
+            val = evaluate(run.evaluated, run.val_loader, run.precision, run.device)
             row.update(val_acc=val["acc"], val_loss=val["loss"])
             if stage.name == "main" and val["acc"] > best["val_best_acc"]:
                 best.update(val_best_acc=val["acc"], val_best_epoch=epoch, test_acc_at_val_best=test["acc"])

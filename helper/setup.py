@@ -15,6 +15,7 @@ from distiller_zoo import PairError
 from helper.checkpoint import CheckpointError
 from helper.engine import NonFiniteLoss
 from helper.options import UsageError
+from helper.run import RunFinished
 
 log = logging.getLogger("kd")
 
@@ -27,6 +28,8 @@ def cli_errors() -> Iterator[None]:
     """Turn user errors into ``error: <message>`` and exit status 2; a non-finite loss into status 3."""
     try:
         yield
+    except RunFinished as exc:
+        log.info("%s", exc)
     except USER_ERRORS as exc:
         log.error("error: %s", exc)
         raise SystemExit(2) from None

@@ -100,7 +100,7 @@ def feature_shapes(
     model.eval()
     try:
         with torch.no_grad():
-            feats = model(x, is_feat=True, preact=preact).feats
+            feats, _ = model(x, is_feat=True, preact=preact)
     finally:
         model.train(was_training)
     return [f.shape[1:] for f in feats]

@@ -56,9 +56,7 @@ class MobileNetV2(nn.Module):
     tap.
     """
 
-    def __init__(
-        self, T: int, num_classes: int = 100, input_size: int = 32, width_mult: float = 1.0
-    ) -> None:
+    def __init__(self, T: int, num_classes: int = 100, input_size: int = 32, width_mult: float = 1.0):
         super().__init__()
         if input_size % 32:
             raise ValueError(f"input_size must be a multiple of 32, got {input_size}")

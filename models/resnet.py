@@ -28,7 +28,8 @@ class BasicBlock(PreactBlock):
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
-        # 1x1 conv + BN where the width or resolution changes, identity elsewhere ("option B" of the paper).
+        # 1x1 conv + BN where the width or resolution changes, identity elsewhere: "option B" of the paper
+        # (its own CIFAR nets used option A, zero-padded identity; RepDistiller uses B).
         self.downsample = downsample
 
     def pre_activation(self, x: Tensor) -> Tensor:
@@ -61,7 +62,7 @@ class ResNet(nn.Module):
     outputs are replaced by the last block's residual sum before its ReLU (stem and pooled unchanged).
     """
 
-    def __init__(self, depth: int, num_filters: list[int], num_classes: int = 100):
+    def __init__(self, depth: int, num_filters: list[int], *, num_classes: int = 100):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"a CIFAR ResNet of BasicBlocks has depth 6n + 2, got {depth}")
@@ -101,36 +102,36 @@ class ResNet(nn.Module):
 
 
 def resnet8(num_classes: int = 100) -> ResNet:
-    return ResNet(8, [16, 16, 32, 64], num_classes)
+    return ResNet(8, [16, 16, 32, 64], num_classes=num_classes)
 
 
 def resnet14(num_classes: int = 100) -> ResNet:
-    return ResNet(14, [16, 16, 32, 64], num_classes)
+    return ResNet(14, [16, 16, 32, 64], num_classes=num_classes)
 
 
 def resnet20(num_classes: int = 100) -> ResNet:
-    return ResNet(20, [16, 16, 32, 64], num_classes)
+    return ResNet(20, [16, 16, 32, 64], num_classes=num_classes)
 
 
 def resnet32(num_classes: int = 100) -> ResNet:
-    return ResNet(32, [16, 16, 32, 64], num_classes)
+    return ResNet(32, [16, 16, 32, 64], num_classes=num_classes)
 
 
 def resnet44(num_classes: int = 100) -> ResNet:
-    return ResNet(44, [16, 16, 32, 64], num_classes)
+    return ResNet(44, [16, 16, 32, 64], num_classes=num_classes)
 
 
 def resnet56(num_classes: int = 100) -> ResNet:
-    return ResNet(56, [16, 16, 32, 64], num_classes)
+    return ResNet(56, [16, 16, 32, 64], num_classes=num_classes)
 
 
 def resnet110(num_classes: int = 100) -> ResNet:
-    return ResNet(110, [16, 16, 32, 64], num_classes)
+    return ResNet(110, [16, 16, 32, 64], num_classes=num_classes)
 
 
 def resnet8x4(num_classes: int = 100) -> ResNet:
-    return ResNet(8, [32, 64, 128, 256], num_classes)
+    return ResNet(8, [32, 64, 128, 256], num_classes=num_classes)
 
 
 def resnet32x4(num_classes: int = 100) -> ResNet:
-    return ResNet(32, [32, 64, 128, 256], num_classes)
+    return ResNet(32, [32, 64, 128, 256], num_classes=num_classes)

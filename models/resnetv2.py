@@ -55,7 +55,7 @@ class ResNet(nn.Module):
     block (Goyal et al., 2017, arXiv 1706.02677, section 5.1); off by default, as in RepDistiller.
     """
 
-    def __init__(self, num_blocks: list[int], num_classes: int = 100, zero_init_residual: bool = False):
+    def __init__(self, num_blocks: list[int], *, num_classes: int = 100, zero_init_residual: bool = False):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -109,4 +109,4 @@ def make_stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequ
 
 
 def ResNet50(num_classes: int = 100, zero_init_residual: bool = False) -> ResNet:
-    return ResNet([3, 4, 6, 3], num_classes, zero_init_residual)
+    return ResNet([3, 4, 6, 3], num_classes=num_classes, zero_init_residual=zero_init_residual)

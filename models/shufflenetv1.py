@@ -62,6 +62,7 @@ class ShuffleNet(nn.Module):
         out_planes: tuple[int, ...] = (240, 480, 960),
         num_blocks: tuple[int, ...] = (4, 8, 4),
         groups: int = 3,
+        *,
         num_classes: int = 100,
     ):
         super().__init__()

@@ -29,7 +29,11 @@ def make_block(widths: tuple[int, ...], in_channels: int) -> nn.Sequential:
     output is the pre-activation feature."""
     layers: list[nn.Module] = []
     for width in widths:
-        layers += [nn.Conv2d(in_channels, width, kernel_size=3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        layers += [
+            nn.Conv2d(in_channels, width, kernel_size=3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        ]
         in_channels = width
     return nn.Sequential(*layers[:-1])
 
@@ -45,7 +49,7 @@ class VGG(nn.Module):
     ``pool3`` is skipped unless the input is 64 pixels high (RepDistiller's rule).
     """
 
-    def __init__(self, cfg: tuple[tuple[int, ...], ...], num_classes: int = 100):
+    def __init__(self, cfg: tuple[tuple[int, ...], ...], *, num_classes: int = 100):
         super().__init__()
         in_channels = [3] + [widths[-1] for widths in cfg[:-1]]
         self.block0, self.block1, self.block2, self.block3, self.block4 = (
@@ -89,20 +93,20 @@ class VGG(nn.Module):
 
 
 def vgg8(num_classes: int = 100) -> VGG:
-    return VGG(CONFIGS["S"], num_classes)
+    return VGG(CONFIGS["S"], num_classes=num_classes)
 
 
 def vgg11(num_classes: int = 100) -> VGG:
-    return VGG(CONFIGS["A"], num_classes)
+    return VGG(CONFIGS["A"], num_classes=num_classes)
 
 
 def vgg13(num_classes: int = 100) -> VGG:
-    return VGG(CONFIGS["B"], num_classes)
+    return VGG(CONFIGS["B"], num_classes=num_classes)
 
 
 def vgg16(num_classes: int = 100) -> VGG:
-    return VGG(CONFIGS["D"], num_classes)
+    return VGG(CONFIGS["D"], num_classes=num_classes)
 
 
 def vgg19(num_classes: int = 100) -> VGG:
-    return VGG(CONFIGS["E"], num_classes)
+    return VGG(CONFIGS["E"], num_classes=num_classes)

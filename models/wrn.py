@@ -81,7 +81,7 @@ class WideResNet(nn.Module):
     block that needs it, giving the same values (bitwise in eval mode) with a single update.
     """
 
-    def __init__(self, depth: int, widen_factor: int = 1, num_classes: int = 100, drop_rate: float = 0.0):
+    def __init__(self, depth: int, num_classes: int = 100, widen_factor: int = 1, drop_rate: float = 0.0):
         super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"a WRN has depth 6n + 4, got {depth}")
@@ -120,16 +120,16 @@ class WideResNet(nn.Module):
 
 
 def wrn_16_1(num_classes: int = 100) -> WideResNet:
-    return WideResNet(16, 1, num_classes)
+    return WideResNet(16, num_classes, widen_factor=1)
 
 
 def wrn_16_2(num_classes: int = 100) -> WideResNet:
-    return WideResNet(16, 2, num_classes)
+    return WideResNet(16, num_classes, widen_factor=2)
 
 
 def wrn_40_1(num_classes: int = 100) -> WideResNet:
-    return WideResNet(40, 1, num_classes)
+    return WideResNet(40, num_classes, widen_factor=1)
 
 
 def wrn_40_2(num_classes: int = 100) -> WideResNet:
-    return WideResNet(40, 2, num_classes)
+    return WideResNet(40, num_classes, widen_factor=2)

@@ -1,0 +1,185 @@
+# shellcheck shell=bash
+# A job queue for the run_cifar_*.sh scripts (sourced by them, not run on its own).
+#
+# Each command runs in one "slot": a GPU (CUDA_VISIBLE_DEVICES=<id>) repeated JOBS_PER_GPU times, or, without
+# GPUS, JOBS_PER_GPU slots on the default device. A new command starts as soon as a slot frees (`wait -n`).
+# Output of each run goes to $LOG_DIR/<name>.log; failures are listed at the end (exit status 1).
+# Ctrl-C or SIGTERM is passed on to the runs, which save a checkpoint and stop; the same command resumes them,
+# because every run gets `--resume auto` (finished runs exit at once with "already finished").
+#
+# Options shared by the scripts (flag, or environment variable):
+#   --trials "0 1 2"    TRIALS        trial ids; each run's seed is derived from its trial
+#   --gpus "0 1"        GPUS          GPU ids (default: none; the engine picks cuda if available, else cpu)
+#   --jobs-per-gpu N    JOBS_PER_GPU  runs at once per GPU (default 1)
+#   --epochs N          EPOCHS        override the 240-epoch schedule (runs get their own folders: _ep<N>)
+#   --log-dir DIR       LOG_DIR       per-run logs (default save/logs)
+#   --dry-run           DRY_RUN=1     print the commands, run nothing
+#   -- FLAGS...         EXTRA         more flags for every run, e.g. -- --amp bf16 --channels_last
+# PYTHON picks the interpreter (default .venv/bin/python if present, else python3).
+
+# Bash >= 4.3 for `wait -n`.
+if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 3))); then
+    echo "error: these scripts need bash >= 4.3 (found $BASH_VERSION)" >&2
+    exit 2
+fi
+
+TRIALS="${TRIALS:-}"
+GPUS="${GPUS:-}"
+JOBS_PER_GPU="${JOBS_PER_GPU:-1}"
+EPOCHS="${EPOCHS:-}"
+LOG_DIR="${LOG_DIR:-save/logs}"
+DRY_RUN="${DRY_RUN:-0}"
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+# EXTRA is split on whitespace on purpose: it holds several flags.
+read -r -a EXTRA_ARGS <<<"${EXTRA:-}"
+JOB_NAMES=()
+JOB_CMDS=()
+
+# Parse one shared option at "$1"; sets QUEUE_SHIFT (read by the calling script) to the number of words used.
+# Returns 1 if the option is not a shared one.
+# shellcheck disable=SC2034
+queue_option() {
+    QUEUE_SHIFT=2
+    case "$1" in
+        --trials | --gpus | --jobs-per-gpu | --epochs | --log-dir)
+            if (($# < 2)); then
+                echo "error: $1 needs a value" >&2
+                exit 2
+            fi
+            case "$1" in
+                --trials) TRIALS="$2" ;;
+                --gpus) GPUS="$2" ;;
+                --jobs-per-gpu) JOBS_PER_GPU="$2" ;;
+                --epochs) EPOCHS="$2" ;;
+                --log-dir) LOG_DIR="$2" ;;
+            esac
+            ;;
+        --dry-run) DRY_RUN=1 QUEUE_SHIFT=1 ;;
+        --)
+            shift
+            EXTRA_ARGS+=("$@")
+            QUEUE_SHIFT=$(($# + 1))
+            ;;
+        *) return 1 ;;
+    esac
+}
+
+queue_check_options() {
+    if ! [[ "$JOBS_PER_GPU" =~ ^[1-9][0-9]*$ ]]; then
+        echo "error: JOBS_PER_GPU/--jobs-per-gpu must be a positive integer, got '$JOBS_PER_GPU'" >&2
+        exit 2
+    fi
+    if [[ -n "$EPOCHS" && ! "$EPOCHS" =~ ^[1-9][0-9]*$ ]]; then
+        echo "error: EPOCHS/--epochs must be a positive integer, got '$EPOCHS'" >&2
+        exit 2
+    fi
+}
+
+# The flags every run gets: resume (skips finished runs), the epochs override, then EXTRA.
+queue_common_flags() {
+    COMMON_FLAGS=(--resume auto)
+    if [[ -n "$EPOCHS" ]]; then COMMON_FLAGS+=(--epochs "$EPOCHS"); fi
+    COMMON_FLAGS+=("${EXTRA_ARGS[@]}")
+}
+
+# queue_add NAME COMMAND...: add one run (the command is stored shell-quoted).
+queue_add() {
+    local name=$1
+    shift
+    JOB_NAMES+=("$name")
+    JOB_CMDS+=("$(printf '%q ' "$@")")
+}
+
+_queue_slots() {
+    SLOTS=()
+    local gpu k
+    local -a gpus
+    read -r -a gpus <<<"$GPUS"
+    if ((${#gpus[@]} == 0)); then gpus=(""); fi
+    for gpu in "${gpus[@]}"; do
+        for ((k = 0; k < JOBS_PER_GPU; k++)); do SLOTS+=("$gpu"); done
+    done
+}
+
+# One run in the background: its own log, its status recorded, SIGTERM/SIGINT passed on to it.
+_queue_job() {
+    local gpu=$1 name=$2 cmd=$3 failed=$4
+    local log="$LOG_DIR/$name.log" status=0 start=$SECONDS child stopped=0
+    if [[ -n "$gpu" ]]; then export CUDA_VISIBLE_DEVICES="$gpu"; fi
+    echo "[start] ${gpu:+gpu $gpu: }$name"
+    # exec: the background process is the run itself, so a signal reaches it directly.
+    eval "exec $cmd" >"$log" 2>&1 &
+    child=$!
+    trap 'stopped=1; kill -TERM "$child" 2>/dev/null || true' TERM INT
+    wait "$child" || status=$?
+    # A signal interrupts `wait`; wait again until the run has saved its checkpoint and exited.
+    while kill -0 "$child" 2>/dev/null; do
+        status=0
+        wait "$child" || status=$?
+    done
+    if ((stopped)); then
+        echo "[stopped] $name (exit $status; log $log)"
+    elif ((status == 0)); then
+        echo "[done]  $name ($((SECONDS - start)) s)"
+    else
+        echo "[FAILED] $name (exit $status; log $log)"
+        echo "$name (exit $status): $log" >>"$failed"
+    fi
+}
+
+_queue_stop() {
+    trap '' INT TERM
+    echo "stopping: each run saves a checkpoint; run the same command again to resume" >&2
+    local pid
+    for pid in "${SLOT_PIDS[@]}"; do
+        if [[ -n "$pid" ]]; then kill -TERM "$pid" 2>/dev/null || true; fi
+    done
+    wait || true
+    exit 130
+}
+
+# Run (or with DRY_RUN=1 print) every added command.
+queue_run() {
+    _queue_slots
+    local i slot n=${#JOB_CMDS[@]}
+    if [[ "$DRY_RUN" == 1 ]]; then
+        for i in "${!JOB_CMDS[@]}"; do
+            local gpu=${SLOTS[i % ${#SLOTS[@]}]}
+            echo "${gpu:+CUDA_VISIBLE_DEVICES=$gpu }${JOB_CMDS[i]% }"
+        done
+        echo "# $n runs (dry run; nothing started)" >&2
+        return 0
+    fi
+    mkdir -p "$LOG_DIR"
+    local failed
+    failed=$(mktemp)
+    SLOT_PIDS=()
+    for slot in "${!SLOTS[@]}"; do SLOT_PIDS[slot]=""; done
+    trap _queue_stop INT TERM
+    echo "$n runs on ${#SLOTS[@]} slot(s); logs in $LOG_DIR"
+    for i in "${!JOB_CMDS[@]}"; do
+        while :; do
+            for slot in "${!SLOTS[@]}"; do
+                local pid=${SLOT_PIDS[slot]}
+                if [[ -z "$pid" ]] || ! kill -0 "$pid" 2>/dev/null; then break 2; fi
+            done
+            wait -n || true # a run finished (its status is recorded by _queue_job)
+        done
+        _queue_job "${SLOTS[slot]}" "${JOB_NAMES[i]}" "${JOB_CMDS[i]}" "$failed" &
+        SLOT_PIDS[slot]=$!
+    done
+    wait || true
+    trap - INT TERM
+    local n_failed
+    n_failed=$(wc -l <"$failed")
+    echo "$((n - n_failed)) of $n runs finished"
+    if ((n_failed > 0)); then
+        echo "failed runs:" >&2
+        cat "$failed" >&2
+        rm -f "$failed"
+        return 1
+    fi
+    rm -f "$failed"
+}
