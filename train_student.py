@@ -65,6 +65,7 @@ def build(args: argparse.Namespace) -> Run:
     precision = Precision(args.amp, device.type)
     teacher = prepare_model(teacher, device, args)
     student = prepare_model(student, device, args)
+    distiller.bind_teacher(teacher)
     distiller.to(device)
     lr = effective_lr(args, args.model_s)
     kd = kd_term(args).to(device)
@@ -78,8 +79,9 @@ def build(args: argparse.Namespace) -> Run:
     )
     stages = [main]
     if method.init_stage and args.init_epochs > 0:
+        distiller.set_stage("init")  # the init modules must be trainable when their optimizer is built
         init_objective = InitObjective(student, teacher, distiller)
-        init_lr = distiller.init_lr(args, args.model_s) if hasattr(distiller, "init_lr") else lr
+        init_lr = distiller.init_lr(args, args.model_s) or lr
         init = Stage(
             "init", init_objective, sgd(init_objective.modules, init_lr, args), args.init_epochs,
             lambda epoch: init_lr, evaluate=False, on_epoch=lambda epoch: distiller.set_epoch(epoch, "init"),

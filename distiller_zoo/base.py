@@ -38,6 +38,11 @@ Optional hooks (no-ops by default):
   or ``"main"``), for schedules such as DKD's warm-up.
 * ``deploy(student)``: the network that is evaluated and deployed, when it is not the student itself
   (SimKD keeps a projector and the teacher's classifier). Its extra parameters are reported.
+* ``bind_teacher(teacher)``: called once after construction with the frozen teacher, for methods that
+  read its modules (OFD's BN statistics, SimKD's classifier).
+* ``set_stage(stage)``: switch which parts train (``"init"`` or ``"main"``); methods with an init stage
+  also switch from ``set_epoch`` so that a resumed run is in the right stage.
+* ``init_lr(args, student_name)``: the init stage's learning rate when it is not the main one (FT).
 """
 
 from __future__ import annotations
@@ -87,6 +92,16 @@ class Distiller(nn.Module):
 
     def set_epoch(self, epoch: int, stage: str) -> None:
         """Called at the start of every epoch; no-op by default."""
+
+    def set_stage(self, stage: str) -> None:
+        """Enter ``"init"`` or ``"main"``; no-op by default."""
+
+    def bind_teacher(self, teacher: nn.Module) -> None:
+        """Receive the frozen teacher; no-op by default."""
+
+    def init_lr(self, args: Any, student_name: str) -> float | None:
+        """The init stage's learning rate; ``None`` (the default) means the main learning rate."""
+        return None
 
     def deploy(self, student: nn.Module) -> nn.Module | None:
         """The evaluated network when it is not ``student`` itself; ``None`` by default."""

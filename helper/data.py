@@ -43,8 +43,12 @@ def build_data(args: argparse.Namespace, device: torch.device, seed: int, contra
         images, labels, args.batch_size, device, train=True, seed=seed, drop_last=args.drop_last, crd=crd,
         memory_format=memory_format,
     )  # fmt: skip
+    test_images, test_labels = data.test_images, data.test_labels
+    if args.test_size:
+        (test_idx, _) = split_indices(test_labels, args.test_size, 0, seed)
+        test_images, test_labels = test_images[test_idx], test_labels[test_idx]
     test = DeviceLoader(
-        data.test_images, data.test_labels, args.eval_batch_size, device, train=False, seed=seed,
+        test_images, test_labels, args.eval_batch_size, device, train=False, seed=seed,
         memory_format=memory_format,
     )  # fmt: skip
     val = None
@@ -55,6 +59,6 @@ def build_data(args: argparse.Namespace, device: torch.device, seed: int, contra
         )  # fmt: skip
     log.info(
         "data: %d training, %d validation, %d test images from %s", len(labels), len(val_idx),
-        len(data.test_labels), data.root,
+        len(test_labels), data.root,
     )  # fmt: skip
     return RunData(train, test, val, len(labels))

@@ -187,7 +187,7 @@ class Meter:
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Iterable[int] = (1,)) -> list[torch.Tensor]:
     """Number of samples whose target is among the top-k logits, for each k (device tensors)."""
-    maxk = max(ks)
+    maxk = min(max(ks), logits.shape[1])  # top-5 of fewer than 5 classes is top-all
     pred = logits.topk(maxk, dim=1).indices  # (B, maxk)
     hit = pred.eq(target[:, None])  # (B, maxk)
     return [hit[:, :k].any(dim=1).sum() for k in ks]

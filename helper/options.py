@@ -50,6 +50,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     # New flags.
     add("--data_folder", type=str, default=None, help="CIFAR-100 root (default: $CIFAR100_ROOT, else ./data)")
     add("--train_size", type=int, default=None, help="class-balanced training subset of N images")
+    add("--test_size", type=int, default=None, help="evaluate on a class-balanced test subset (smoke runs only)")
     add("--val_size", type=int, default=0, help="hold out N training images (class-balanced) for validation")
     add("--seed", type=int, default=None, help="random seed (default: derived from --trial)")
     add("--deterministic", action="store_true", help="bit-identical reruns (deterministic kernels)")
@@ -81,7 +82,9 @@ def student_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_t", type=str, default=None, help="teacher architecture if not recorded")
     parser.add_argument("--distill", type=str, default="kd", help=f"one of: {', '.join(method_names())}")
     parser.add_argument("--trial", type=str, default="1", help="trial id (folder name and default seed)")
-    parser.add_argument("-r", "--gamma", type=float, default=1, help="weight of the cross-entropy term")
+    parser.add_argument(
+        "-r", "--gamma", type=float, default=None, help="CE weight (default: the method's published, 1 for most)"
+    )
     parser.add_argument("-a", "--alpha", type=float, default=None, help="KD weight (default: the method's published)")
     parser.add_argument(
         "-b", "--beta", type=float, default=None, help="weight of the method's term (default: its published)"
@@ -121,11 +124,17 @@ class LossWeights:
 
 
 def loss_weights(args: argparse.Namespace) -> LossWeights:
-    """-r as given (RepDistiller's default 1); -a and -b default to the method's published weights."""
+    """Given weights win; a weight not given takes the method's published value.
+
+    For every command of RepDistiller's scripts this equals RepDistiller's behaviour (its ``-r`` default 1
+    is the published CE weight of all its methods but KD, whose script passes ``-r 0.1``), and ``-a``/``-b``
+    no longer crash when omitted.
+    """
     defaults = get_method(args.distill).defaults
+    gamma = defaults.get("gamma", 1.0) if args.gamma is None else args.gamma
     alpha = defaults.get("alpha", 0.0) if args.alpha is None else args.alpha
     beta = defaults.get("beta", 0.0) if args.beta is None else args.beta
-    return LossWeights(gamma=float(args.gamma), alpha=float(alpha), beta=float(beta))
+    return LossWeights(gamma=float(gamma), alpha=float(alpha), beta=float(beta))
 
 
 def seed_of(args: argparse.Namespace) -> int:
@@ -149,6 +158,8 @@ def _protocol_suffix(args: argparse.Namespace) -> str:
         parts.append(f"n{args.train_size}")
     if args.val_size:
         parts.append(f"val{args.val_size}")
+    if args.test_size:
+        parts.append(f"test{args.test_size}")
     return "".join(f"_{p}" for p in parts)
 
 
@@ -197,7 +208,7 @@ def _check_model(flag: str, name: str) -> None:
 
 def _check_common(args: argparse.Namespace) -> None:
     _positive(args, "epochs", "batch_size", "learning_rate", "save_freq", "print_freq", "eval_batch_size")
-    _positive(args, "train_size", "lr_decay_rate")
+    _positive(args, "train_size", "test_size", "lr_decay_rate")
     _non_negative(args, "val_size", "weight_decay", "momentum")
     lr_decay_epochs(args)
     if args.device is not None:

@@ -252,7 +252,7 @@ def _fit(run: Run, resume_path: Path | None) -> dict[str, Any]:
     args = run.args
     setup_logging(run.folder)
     recorder = Recorder(run.folder)
-    best: dict[str, Any] = {"best_acc": 0.0, "best_epoch": 0, "val_best_acc": -1.0}
+    best: dict[str, Any] = {"best_acc": -1.0, "best_epoch": 0, "val_best_acc": -1.0}
     start = ("init", 0, 0) if run.stages and run.stages[0].name == "init" else ("main", 0, 0)
     skipped = 0
     if resume_path is not None:

@@ -53,7 +53,7 @@ def test_repdistiller_defaults():
     args = student_parser().parse_args([])
     assert (args.batch_size, args.epochs, args.lr_decay_epochs, args.weight_decay) == (64, 240, "150,180,210", 5e-4)
     assert (args.kd_T, args.nce_k, args.nce_t, args.nce_m, args.feat_dim) == (4, 16384, 0.07, 0.5, 128)
-    assert (args.mode, args.hint_layer, args.init_epochs, args.trial, args.gamma) == ("exact", 2, 30, "1", 1)
+    assert (args.mode, args.hint_layer, args.init_epochs, args.trial) == ("exact", 2, 30, "1")
     assert args.model_s == "resnet8" and args.distill == "kd"
     assert teacher_parser().parse_args([]).model == "resnet110"
 
@@ -68,11 +68,13 @@ def test_method_choices_come_from_the_registry():
 def test_loss_weights_default_to_the_published_ones():
     assert loss_weights(student_args("--distill", "crd")).__dict__ == {"gamma": 1.0, "alpha": 0.0, "beta": 0.8}
     assert loss_weights(student_args("--distill", "attention")).beta == 1000
-    # Given values win; -r keeps RepDistiller's default 1.
+    # Given values win; an omitted -r is the method's published CE weight (1 for RepDistiller's methods).
     w = loss_weights(student_args("--distill", "crd", "-a", "1", "-b", "0.5"))
     assert (w.gamma, w.alpha, w.beta) == (1.0, 1.0, 0.5)
     w = loss_weights(student_args("--distill", "kd", "-r", "0.1", "-a", "0.9", "-b", "0"))
     assert (w.gamma, w.alpha, w.beta) == (0.1, 0.9, 0.0)
+    assert loss_weights(student_args("--distill", "kd")).__dict__ == {"gamma": 0.1, "alpha": 0.9, "beta": 0.0}
+    assert loss_weights(student_args("--distill", "hint", "-r", "0")).gamma == 0.0
 
 
 def test_small_lr_is_a_default_not_an_override():
@@ -173,10 +175,10 @@ def test_distill_objective_skips_zero_weights_and_never_trains_the_teacher():
     student, teacher, method = TinyNet(), TinyNet(), CountingMethod()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    objective = DistillObjective(student, teacher, method, gamma=1.0, alpha=0.0, beta=0.0, kd_T=4)
+    objective = DistillObjective(student, teacher, method, gamma=1.0, alpha=0.0, beta=0.0, kd=4.0)
     terms, _ = objective(tiny_batches(1)[0])
     assert list(terms) == ["ce"] and method.calls == 0
-    objective = DistillObjective(student, teacher, method, gamma=0.5, alpha=0.9, beta=2.0, kd_T=4)
+    objective = DistillObjective(student, teacher, method, gamma=0.5, alpha=0.9, beta=2.0, kd=4.0)
     objective.train()
     assert student.training and not teacher.training
     terms, _ = objective(tiny_batches(1)[0])

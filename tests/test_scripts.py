@@ -222,7 +222,7 @@ def test_fetch_from_the_mdistiller_archive(tmp_path: Path, monkeypatch: pytest.M
     assert (other / "models" / "resnet56_vanilla" / "ckpt_epoch_240.pth").read_bytes() == dest.read_bytes()
 
 
-def test_chenyaofo_state_dict_is_wrapped_and_loads_strictly(tmp_path: Path):
+def test_chenyaofo_state_dict_is_wrapped_and_loads_strictly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     raw = tmp_path / "cifar100_resnet20.pt"
     torch.save(create_model("resnet20").state_dict(), raw)  # a bare state_dict, as that project releases
     dest = tmp_path / "resnet20_vanilla" / "ckpt_epoch_240.pth"
@@ -230,16 +230,14 @@ def test_chenyaofo_state_dict_is_wrapped_and_loads_strictly(tmp_path: Path):
     _, arch, ckpt = load_teacher(str(dest), None, num_classes=100)
     assert (arch, ckpt["accuracy"]) == ("resnet20", 68.83)
     # A download whose hash does not match the name is refused.
-    monkey_url = tmp_path / "release"
-    monkey_url.mkdir()
-    (monkey_url / "cifar100_resnet20-23dac2f1.pt").write_bytes(raw.read_bytes())
-    os.environ["KD_CHENYAOFO_URL"] = monkey_url.as_uri()
-    try:
-        fetcher = fetch_teachers.Fetcher(tmp_path / "models", timeout=5)
-        with pytest.raises(fetch_teachers.FetchError, match="SHA-256 does not start with 23dac2f1"):
-            fetcher.fetch("resnet20")
-    finally:
-        del os.environ["KD_CHENYAOFO_URL"]
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "cifar100_resnet20-23dac2f1.pt").write_bytes(raw.read_bytes())
+    monkeypatch.setenv("KD_CHENYAOFO_URL", release.as_uri())
+    fetcher = fetch_teachers.Fetcher(tmp_path / "models", timeout=5)
+    with pytest.raises(fetch_teachers.FetchError, match="SHA-256 does not start with 23dac2f1"):
+        fetcher.fetch("resnet20")
+    assert not (tmp_path / "models" / "resnet20_vanilla").exists()
 
 
 def test_reference_accuracies():
