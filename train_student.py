@@ -15,6 +15,7 @@ from dataclasses import asdict
 
 from distiller_zoo import get_method, kd_term
 from helper import checkpoint as ckpt_io
+from helper import distributed
 from helper.data import build_data
 from helper.engine import DistillObjective, InitObjective, Precision, evaluate
 from helper.options import (
@@ -29,7 +30,6 @@ from helper.options import (
 from helper.run import (
     Run,
     Stage,
-    choose_device,
     count_parameters,
     fit,
     lr_schedule,
@@ -46,7 +46,7 @@ log = logging.getLogger("kd")
 
 def build(args: argparse.Namespace) -> Run:
     validate_student_args(args)
-    device = choose_device(args.device)
+    dist, device = distributed.setup(args.device)  # torchrun's processes, else one
     seed = seed_of(args)
     seed_everything(seed, args.deterministic)
     method = get_method(args.distill)
@@ -60,11 +60,11 @@ def build(args: argparse.Namespace) -> Run:
     t_shapes = feature_shapes(teacher, preact=method.preact)
     method.check_pair(s_shapes, t_shapes, args)
     data = build_data(args, device, seed, contrast=method.needs_contrast)
-    distiller = method(s_shapes, t_shapes, args, data.n_data)
+    distiller = dist.batchnorm(method(s_shapes, t_shapes, args, data.n_data), args.sync_bn, device)
 
     precision = Precision(args.amp, device.type)
     teacher = prepare_model(teacher, device, args)
-    student = prepare_model(student, device, args)
+    student = prepare_model(dist.batchnorm(student, args.sync_bn, device), device, args)
     distiller.bind_teacher(teacher)
     distiller.to(device)
     lr = effective_lr(args, args.model_s)
@@ -98,6 +98,7 @@ def build(args: argparse.Namespace) -> Run:
     )  # fmt: skip
     return Run(
         args=args,
+        method=args.distill,
         kind="student",
         folder=folder,
         device=device,
@@ -129,13 +130,14 @@ def build(args: argparse.Namespace) -> Run:
         },
         config={"model_t": arch_t, "lr": lr, "seed": seed, "weights": asdict(weights)},
         resume_path=resume_path,
+        dist=dist,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = student_parser().parse_args(argv)
-    with cli_errors():
+    with cli_errors(), distributed.session():
         fit(build(args))
     return 0
 

@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 
+from helper import distributed
 from helper.data import build_data
 from helper.engine import ClassifierObjective, Precision
 from helper.options import (
@@ -22,7 +23,7 @@ from helper.options import (
     teacher_run_folder,
     validate_teacher_args,
 )
-from helper.run import Run, Stage, choose_device, fit, lr_schedule, prepare_folder, seed_everything, setup_logging, sgd
+from helper.run import Run, Stage, fit, lr_schedule, prepare_folder, seed_everything, setup_logging, sgd
 from helper.setup import cli_errors, prepare_model
 from models import create_model
 
@@ -33,11 +34,11 @@ def build(args: argparse.Namespace) -> Run:
     validate_teacher_args(args)
     folder = teacher_run_folder(args)
     resume_path = prepare_folder(folder, args)
-    device = choose_device(args.device)
+    dist, device = distributed.setup(args.device)  # torchrun's processes, else one
     seed = seed_of(args)
     seed_everything(seed, args.deterministic)
     data = build_data(args, device, seed, contrast=False)
-    model = prepare_model(create_model(args.model, num_classes=100), device, args)
+    model = prepare_model(dist.batchnorm(create_model(args.model, num_classes=100), args.sync_bn, device), device, args)
     lr = effective_lr(args, args.model)
     stage = Stage(
         "main",
@@ -49,6 +50,7 @@ def build(args: argparse.Namespace) -> Run:
     log.info("model %s, lr %g, %d training images", args.model, lr, data.n_data)
     return Run(
         args=args,
+        method="vanilla",
         kind="teacher",
         folder=folder,
         device=device,
@@ -70,13 +72,14 @@ def build(args: argparse.Namespace) -> Run:
         },
         config={"lr": lr, "seed": seed},
         resume_path=resume_path,
+        dist=dist,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = teacher_parser().parse_args(argv)
-    with cli_errors():
+    with cli_errors(), distributed.session():
         fit(build(args))
     return 0
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helper.distributed import active, all_gather_rows, all_reduce_sum, shard_rows
+
 from .base import Distiller, Shapes, register
 
 __all__ = ["ContrastLoss", "ContrastMemory", "CRDLoss", "Embed"]
@@ -76,6 +78,11 @@ class ContrastMemory(nn.Module):
     (B, N) and gathers the (B, K+1) scores; ``"auto"`` (default) takes ``matmul`` when the gathered rows
     would outnumber the memory's (B (K+1) > N; e.g. B 64, K 16384, N 50000 on CIFAR-100). Both give the
     same result up to float rounding.
+
+    Several processes (torchrun), each with its share of the global batch: the memory is updated with the
+    rows of the whole global batch (gathered from every process), so every process applies the update a
+    single process would; Z is set from the mean score of the whole first batch. ``max_shard_rows`` (the
+    most rows a process holds) lets the gather run without waiting for the device.
     """
 
     def __init__(
@@ -97,6 +104,8 @@ class ContrastMemory(nn.Module):
         self.register_buffer("z_s", torch.tensor(-1.0))
         self.register_buffer("z_t", torch.tensor(-1.0))
         self._z_logged = False
+        self._z_seen_global = False  # several processes: Z has been offered the whole first batch's mean
+        self.max_shard_rows: int | None = None
 
     def forward(
         self, v1: torch.Tensor, v2: torch.Tensor, y: torch.Tensor, idx: torch.Tensor | None = None
@@ -124,7 +133,7 @@ class ContrastMemory(nn.Module):
             # a graph still waiting for its backward pass.
             out_s, out_t = out_s / self.z_s.clone(), out_t / self.z_t.clone()
         # The matmul path saved the whole memory for the backward pass: update it out of place.
-        self._update(v1, v2, y, in_place=not use_matmul)
+        self._update(*self._global_batch(v1, v2, y), in_place=not use_matmul)
         return out_s.unsqueeze(2), out_t.unsqueeze(2)
 
     @staticmethod
@@ -140,11 +149,27 @@ class ContrastMemory(nn.Module):
         """Set each Z to N * mean score the first time (when it is still negative); keep it afterwards.
         Branch-free (``torch.where``) so that no step waits for the device."""
         with torch.no_grad():
-            self.z_s.copy_(torch.where(self.z_s < 0, out_s.mean() * n, self.z_s))
-            self.z_t.copy_(torch.where(self.z_t < 0, out_t.mean() * n, self.z_t))
+            mean_s, mean_t = out_s.mean(), out_t.mean()
+            if active() and not self._z_seen_global:  # the mean over every process's rows, once
+                total = all_reduce_sum(torch.stack([out_s.sum(), out_t.sum(), out_s.new_tensor(out_s.numel())]))
+                mean_s, mean_t = total[0] / total[2], total[1] / total[2]
+                self._z_seen_global = True
+            self.z_s.copy_(torch.where(self.z_s < 0, mean_s * n, self.z_s))
+            self.z_t.copy_(torch.where(self.z_t < 0, mean_t * n, self.z_t))
         if not self._z_logged:
             log.info("CRD normalisation constants: Z_s = %.1f, Z_t = %.1f", self.z_s.item(), self.z_t.item())
             self._z_logged = True
+
+    def _global_batch(
+        self, v1: torch.Tensor, v2: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Several processes: the embeddings and rows of the whole global batch (one gather; the rows travel
+        as float32, exact below 2**24). A row may appear twice (padding), with the same embedding."""
+        if not active():
+            return v1, v2, y
+        d = v1.shape[1]
+        rows = all_gather_rows(torch.cat([v1, v2, y[:, None].float()], dim=1), self.max_shard_rows)  # (P*W, 2D+1)
+        return rows[:, :d], rows[:, d : 2 * d], rows[:, 2 * d].long()
 
     def _update(self, v1: torch.Tensor, v2: torch.Tensor, y: torch.Tensor, in_place: bool) -> None:
         """Row y <- normalise(momentum * row y + (1 - momentum) * embedding), only at the rows ``y``."""
@@ -222,6 +247,7 @@ class CRDDistiller(Distiller):
             nce_t=args.nce_t,
             nce_m=args.nce_m,
         )
+        self.crd.contrast.max_shard_rows = shard_rows(args.batch_size)  # None in a single process
 
     def forward(self, out_s: Any, out_t: Any, batch: Any) -> torch.Tensor:
         return self.crd(out_s.feats[-1], out_t.feats[-1], batch.index, batch.contrast_idx)

@@ -47,6 +47,8 @@ def partial_l2(source: torch.Tensor, target: torch.Tensor, margin: torch.Tensor)
     skipped where ``source <= target <= 0`` (eq. 6), i.e. where the student is already inactive enough.
     ``source``, ``target`` (B, C, H, W); ``margin`` (C,).
     """
+    # float32: under bf16 autocast a sum of squares over the whole map loses the small terms.
+    source, target = source.float(), target.float()
     margin = margin.view(1, -1, 1, 1).to(source)
     clipped = torch.maximum(target, margin)
     skip = (source <= clipped) & (clipped <= 0)

@@ -24,6 +24,7 @@ from torch import nn
 from dataset.batch import Batch
 from distiller_zoo import Distiller
 from distiller_zoo.KD import DistillKL
+from helper.distributed import Distributed
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,13 @@ class Meter:
         else:
             self.sums[name] = value.clone()
 
-    def averages(self) -> dict[str, float]:
+    def averages(self, dist: Distributed | None = None) -> dict[str, float]:
+        """The means; with ``dist``, over the samples of every process (sums and counts added first)."""
+        if dist is not None and dist.enabled:
+            names = list(self.sums)
+            count = torch.tensor([float(self.count)], device=self.device)
+            totals = dist.sum(torch.cat([torch.stack([self.sums[k] for k in names]), count]))
+            self.sums, self.count = dict(zip(names, totals[:-1])), int(totals[-1].item())
         if not self.sums or self.count == 0:
             return {}
         names = list(self.sums)
@@ -218,25 +225,32 @@ def train_one_epoch(
     print_freq: int = 100,
     control: StepControl | None = None,
     progress: Callable[[Iterable[Batch]], Iterator[Batch]] = iter,
+    dist: Distributed | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns the epoch's mean of every term, the total loss and accuracy.
 
     The returned dict has ``loss``, ``acc`` (top-1 %, on the augmented training batches), one
     ``loss_<name>`` per term, ``images``, ``seconds`` and, when a stop was requested, ``stopped_at``.
+    With several processes (``dist``), ``loader`` serves global batches, each process trains on its share
+    and the returned values cover the global batches.
     """
     control = control or StepControl()
+    dist = dist or Distributed()
     objective.train()
     meter = Meter(device)
     start = time.perf_counter()
     stopped_at = None
     pending: tuple[int, torch.Tensor] | None = None  # the previous step's loss, checked one step late
     for step, batch in enumerate(progress(loader)):
+        batch, scale = dist.shard(batch)  # one process: the batch itself, scale 1
         with precision.autocast():
             terms, logits = objective(batch)
         loss = sum(weight * value.float() for weight, value in terms.values())
+        # Several processes: the global batch's loss, so that every process takes the same decisions below.
+        checked = dist.sum(loss.detach() * (scale / dist.world_size)) if dist.enabled else loss
         if control.skip_nonfinite:
             # Skipping needs the answer before the update: one host sync per step, by request only.
-            if not bool(torch.isfinite(loss)):
+            if not bool(torch.isfinite(checked)):
                 control.skipped += 1
                 log.warning("%s: skipped a non-finite loss at epoch %d, step %d", label, epoch, step)
                 continue
@@ -245,10 +259,12 @@ def train_one_epoch(
             # update never reaches a checkpoint because the run stops here.
             _raise_if_nonfinite(pending, label, epoch)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        # DDP averages the processes' gradients; weighting each process's mean loss by its share of the
+        # global batch makes that average the gradient of the global batch's mean loss.
+        scaler.scale(loss * scale if dist.enabled else loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        pending = (step, loss.detach())
+        pending = (step, checked.detach())
 
         n = batch.target.shape[0]
         meter.count += n
@@ -265,7 +281,7 @@ def train_one_epoch(
             break
     if pending is not None:
         _raise_if_nonfinite(pending, label, epoch)
-    result = meter.averages()
+    result = meter.averages(dist)
     result["images"] = meter.count
     result["seconds"] = time.perf_counter() - start
     if stopped_at is not None:
@@ -281,12 +297,26 @@ def _raise_if_nonfinite(pending: tuple[int, torch.Tensor], label: str, epoch: in
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[Batch], precision: Precision, device: torch.device) -> dict:
-    """Top-1 and top-5 accuracy (%) and mean cross-entropy of ``model`` over ``loader``."""
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Batch],
+    precision: Precision,
+    device: torch.device,
+    dist: Distributed | None = None,
+) -> dict:
+    """Top-1 and top-5 accuracy (%) and mean cross-entropy of ``model`` over ``loader``.
+
+    With several processes (``dist``), each evaluates every ``world_size``-th batch and the sums are added."""
     was_training = model.training
     model.eval()
     meter = Meter(device)
-    for batch in loader:
+    dist = dist or Distributed()
+    if dist.enabled:  # the same names on every process, also on one that gets no batch
+        for name in ("loss", "acc", "acc_top5"):
+            meter.add(name, torch.zeros((), device=device), 0)
+    for i, batch in enumerate(loader):
+        if i % dist.world_size != dist.rank:
+            continue
         with precision.autocast():
             logits = model(batch.input)
         n = batch.target.shape[0]
@@ -296,4 +326,4 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], precision: Precision, de
         meter.add("acc", top1 * (100.0 / n), n)
         meter.add("acc_top5", top5 * (100.0 / n), n)
     model.train(was_training)
-    return meter.averages()
+    return meter.averages(dist)

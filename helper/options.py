@@ -64,6 +64,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     add("--channels_last", action="store_true", help="channels-last memory format")
     add("--compile", action="store_true", help="torch.compile the model forwards")
     add("--skip_nonfinite", action="store_true", help="skip steps whose loss is not finite (counted)")
+    add("--sync_bn", action="store_true", help="torchrun: BatchNorm statistics over the global batch")
 
 
 def teacher_parser() -> argparse.ArgumentParser:

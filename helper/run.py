@@ -25,6 +25,7 @@ from torch import nn
 
 from dataset import DeviceLoader
 from helper import checkpoint as ckpt_io
+from helper.distributed import Distributed
 from helper.engine import Objective, Precision, StepControl, evaluate, train_one_epoch
 from helper.options import UsageError
 from helper.records import Recorder, environment, write_json
@@ -55,12 +56,6 @@ def setup_logging(folder: Path | None = None) -> None:
         handler = logging.FileHandler(folder / "run.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         root.addHandler(handler)
-
-
-def choose_device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -112,6 +107,7 @@ class Stage:
 class Run:
     args: argparse.Namespace
     kind: str  # "teacher" or "student"
+    method: str  # "vanilla" or the --distill name (named in errors and records)
     folder: Path
     device: torch.device
     precision: Precision
@@ -127,6 +123,7 @@ class Run:
     config: dict[str, Any] = field(default_factory=dict)  # derived values written to args.json
     resume_path: Path | None = None  # from prepare_folder(), called before any work
     eval_model: nn.Module | None = None  # the network evaluated, when it is not ``model`` (SimKD)
+    dist: Distributed = field(default_factory=Distributed)  # the processes of a torchrun run (default: one)
 
     @property
     def evaluated(self) -> nn.Module:
@@ -166,7 +163,7 @@ def prepare_folder(folder: Path, args: argparse.Namespace) -> Path | None:
     """Create the run folder, refusing to overwrite another run; returns the checkpoint to resume from."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write_test"
+        probe = folder / f".write_test.{os.getpid()}"  # per process: the processes of one run probe at once
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
@@ -240,18 +237,23 @@ def _state(run: Run, stage: Stage, epoch: int, step: int, best: dict[str, Any], 
 def fit(run: Run) -> dict[str, Any]:
     """Train every stage of ``run`` (resuming if asked), then write ``summary.json``; returns it."""
     lock = run.folder / "run.lock"
-    lock.write_text(str(os.getpid()))
+    run.dist.barrier()  # every process has checked the run folder before rank 0 writes to it
+    if run.dist.is_main:
+        lock.write_text(str(os.getpid()))
     try:
         return _fit(run, run.resume_path)
     finally:
-        with contextlib.suppress(OSError):
-            lock.unlink()
+        if run.dist.is_main:
+            with contextlib.suppress(OSError):
+                lock.unlink()
 
 
 def _fit(run: Run, resume_path: Path | None) -> dict[str, Any]:
     args = run.args
-    setup_logging(run.folder)
-    recorder = Recorder(run.folder)
+    main_process = run.dist.is_main  # rank 0 alone writes the run folder; every process loads it
+    setup_logging(run.folder if main_process else None)
+    recorder = Recorder(run.folder, enabled=main_process)
+    run.dist.check_batches(run.train_loader.num_images, run.train_loader.batch_size, run.train_loader.drop_last)
     best: dict[str, Any] = {"best_acc": -1.0, "best_epoch": 0, "val_best_acc": -1.0}
     start = ("init", 0, 0) if run.stages and run.stages[0].name == "init" else ("main", 0, 0)
     skipped = 0
@@ -268,14 +270,15 @@ def _fit(run: Run, resume_path: Path | None) -> dict[str, Any]:
         for stage in run.stages:
             if stage.name == state["stage"]:
                 stage.optimizer.load_state_dict(state["optimizer"])
-        recorder.truncate_after(state["stage"], state["epoch"])
+        if main_process:
+            recorder.truncate_after(state["stage"], state["epoch"])
         log.info("resuming %s from %s: stage %s, epoch %d, step %d", run.folder, resume_path, *start)
-    else:
-        write_json(run.folder / "args.json", {"args": vars(args), **run.config})
+    elif main_process:
+        write_json(run.folder / "args.json", {"args": vars(args), **run.config, **run.dist.record()})
     log.info("run folder: %s", run.folder)
 
     stop = _StopFlag()
-    control = StepControl(skip_nonfinite=args.skip_nonfinite, stop_requested=stop)
+    control = StepControl(skip_nonfinite=args.skip_nonfinite, stop_requested=run.dist.agreed(stop))
     control.skipped = skipped
     scaler = run.precision.scaler()
     wall_start = time.perf_counter()
@@ -286,6 +289,7 @@ def _fit(run: Run, resume_path: Path | None) -> dict[str, Any]:
         for si, stage in enumerate(run.stages[first_stage:], start=first_stage):
             done_epochs = start[1] if si == first_stage else 0
             skip_steps = start[2] if si == first_stage else 0
+            objective = run.dist.wrap(stage.objective, stage.optimizer)  # DDP when several processes
             for epoch in range(done_epochs + 1, stage.epochs + 1):
                 data_epoch = epoch + sum(s.epochs for s in run.stages[:si])  # distinct shuffles across stages
                 lr = stage.lr_at(epoch)
@@ -294,14 +298,18 @@ def _fit(run: Run, resume_path: Path | None) -> dict[str, Any]:
                     group["lr"] = lr
                 batches = run.train_loader.epoch(data_epoch, start_batch=skip_steps)
                 stats = train_one_epoch(
-                    stage.objective, batches, stage.optimizer, run.precision, scaler, run.device, epoch,
-                    label=f"{stage.name}", print_freq=args.print_freq, control=control,
+                    objective, batches, stage.optimizer, run.precision, scaler, run.device, epoch,
+                    label=f"{run.method} {stage.name}", print_freq=args.print_freq, control=control,
                     progress=_progress(len(run.train_loader) - skip_steps, f"{stage.name} {epoch}"),
+                    dist=run.dist,
                 )  # fmt: skip
+                run.dist.broadcast_buffers([run.model, *run.extra_state.values()])
                 if "stopped_at" in stats:
                     steps = skip_steps + stats["stopped_at"]
                     path = run.folder / "latest.pth"
-                    ckpt_io.save_atomic(_state(run, stage, epoch - 1, steps, best, control.skipped), path)
+                    if main_process:
+                        ckpt_io.save_atomic(_state(run, stage, epoch - 1, steps, best, control.skipped), path)
+                    run.dist.barrier()  # the checkpoint is on disk before any process exits
                     raise SystemExit(
                         f"stopped by {signal.Signals(stop.signum).name} at {stage.name} epoch {epoch}, step {steps}; "
                         f"saved {path}. Resume with the same command plus --resume auto"
@@ -311,10 +319,13 @@ def _fit(run: Run, resume_path: Path | None) -> dict[str, Any]:
                 train_seconds += stats["seconds"]
                 row = _epoch_row(run, stage, epoch, lr, stats, best)
                 recorder.epoch(row)
-                _save(run, stage, epoch, best, control.skipped, row)
+                if main_process:
+                    _save(run, stage, epoch, best, control.skipped, row)
     summary = _summary(run, best, time.perf_counter() - wall_start, images_seen, train_seconds, control.skipped)
-    write_json(run.folder / "summary.json", summary)
+    if main_process:
+        write_json(run.folder / "summary.json", summary)
     recorder.close()
+    run.dist.barrier()  # no process leaves before rank 0 has written the summary
     log.info(
         "done: test_acc %.2f (last epoch), best %.2f at epoch %d; %s",
         summary["test_acc"], summary["best_acc"], summary["best_epoch"], run.folder,
@@ -339,7 +350,7 @@ def _epoch_row(run: Run, stage: Stage, epoch: int, lr: float, stats: dict, best:
     row["epoch_time"] = stats["seconds"]
     row["images_per_sec"] = stats["images"] / max(stats["seconds"], 1e-9)
     if stage.evaluate:
-        test = evaluate(run.evaluated, run.test_loader, run.precision, run.device)
+        test = evaluate(run.evaluated, run.test_loader, run.precision, run.device, dist=run.dist)
         row.update(test_acc=test["acc"], test_acc_top5=test["acc_top5"], test_loss=test["loss"])
         if stage.name == "main":
             best["last_acc"], best["last_acc_top5"] = test["acc"], test["acc_top5"]
@@ -347,7 +358,7 @@ def _epoch_row(run: Run, stage: Stage, epoch: int, lr: float, stats: dict, best:
             if best["new_best"]:
                 best["best_acc"], best["best_epoch"] = test["acc"], epoch
         if run.val_loader is not None:
-            val = evaluate(run.evaluated, run.val_loader, run.precision, run.device)
+            val = evaluate(run.evaluated, run.val_loader, run.precision, run.device, dist=run.dist)
             row.update(val_acc=val["acc"], val_loss=val["loss"])
             if stage.name == "main" and val["acc"] > best["val_best_acc"]:
                 best.update(val_best_acc=val["acc"], val_best_epoch=epoch, test_acc_at_val_best=test["acc"])
@@ -390,6 +401,7 @@ def _summary(run: Run, best: dict, wall: float, images: int, seconds: float, ski
         "skipped_steps": skipped,
         "environment": environment(run.device),
         **run.summary,
+        **run.dist.record(),
     }
     if run.val_loader is not None:
         summary["val_best_acc"] = best.get("val_best_acc")
