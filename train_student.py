@@ -30,7 +30,6 @@ from helper.options import (
 from helper.run import (
     Run,
     Stage,
-    count_parameters,
     fit,
     lr_schedule,
     prepare_folder,
@@ -75,7 +74,7 @@ def build(args: argparse.Namespace) -> Run:
         sgd([student, *distiller.trainable_modules(), kd], lr, args),
         args.epochs,
         lr_schedule(lr, lr_decay_epochs(args), args.lr_decay_rate),
-        on_epoch=lambda epoch: distiller.set_epoch(epoch, "main"),
+        on_epoch=lambda epoch: [m.set_epoch(epoch, "main") for m in (distiller, kd) if hasattr(m, "set_epoch")],
     )
     stages = [main]
     if method.init_stage and args.init_epochs > 0:
@@ -126,7 +125,8 @@ def build(args: argparse.Namespace) -> Run:
             "train_size": data.n_data,
             "val_size": args.val_size,
             "adapter_params": sum(p.numel() for m in distiller.trainable_modules() for p in m.parameters()),
-            "deployed_params": count_parameters(deployed or student),
+            # Every parameter of the evaluated network, frozen ones included (SimKD reuses the teacher's head).
+            "deployed_params": sum(p.numel() for p in (deployed or student).parameters()),
         },
         config={"model_t": arch_t, "lr": lr, "seed": seed, "weights": asdict(weights)},
         resume_path=resume_path,

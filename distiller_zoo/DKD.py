@@ -73,7 +73,7 @@ class DKDDistiller(Distiller):
     for the WRN students, vgg13->vgg8 and vgg13->MobileNetV2: ``scripts/run_cifar_newer.sh`` passes them.
 
     Recipe: the engine's ``-b`` multiplies this term (default 1), ``-a`` (default 0) adds the plain KD term,
-    ``-r`` is the CE weight (RepDistiller's default 1 = mdistiller's ``DKD.CE_WEIGHT``). mdistiller trains DKD
+    ``-r`` is the CE weight (default 1, mdistiller's ``DKD.CE_WEIGHT``). mdistiller trains DKD
     with SGD 0.05 (0.01 for MobileNetV2/ShuffleNets), batch 64, 240 epochs, decay x0.1 at 150/180/210, weight
     decay 5e-4: the same schedule as RepDistiller's, so our default recipe is DKD's. mdistiller reports the
     best test epoch, the engine reports the last and the best.

@@ -85,9 +85,9 @@ class MLKDDistiller(Distiller):
 
     Temperatures ``(--mlkd_T, 3, 5, 2, 6)`` with ``--mlkd_T 4`` (KD_ours: ``cfg.KD.TEMPERATURE`` = 4 and the
     hard-coded others). Weights: KD_ours multiplies every term by ``KD.LOSS.KD_WEIGHT`` 0.9 and its CE,
-    ``0.1 * (CE_weak + CE_strong)``, is ``0.2 * CE`` for one view: hence ``-r 0.2 -a 0 -b 0.9`` (``-r`` must be
-    passed: the engine's default is 1). Official learning rate 0.025 (``configs/cifar100/ours/*.yaml`` of the
-    240-epoch commit); RepDistiller's 0.05 is the engine default.
+    ``0.1 * (CE_weak + CE_strong)``, is ``0.2 * CE`` for one view: hence ``-r 0.2 -a 0 -b 0.9``. Official
+    learning rate 0.025 (``configs/cifar100/ours/*.yaml`` of the 240-epoch commit; the recipe script passes
+    it); RepDistiller's 0.05 is the engine default.
 
     With ``--logit_stand`` (LS-KD ``mdistiller/distillers/MLKD.py``): only the instance-level logits are
     standardised, ``--mlkd_T`` is replaced by ``--base_temp`` and LS-KD's kd-weight 9 is ``-b 9``. With

@@ -77,8 +77,8 @@ class SimKDDistiller(Distiller):
     """SimKD: projector on ``feats[-2]`` trained by MSE to the teacher's ``feats[-2]``.
 
     Defaults (official ``scripts/run_distill.sh``: ``--distill simkd -c 0 -d 0 -b 1``; ``train_student.py``:
-    ``--factor 2``, ``nn.MSELoss``): no cross-entropy, no KD term, ``-b 1``, ``--simkd_factor 2``. Pass ``-r 0``:
-    the engine's CE weight defaults to 1, which would also train the student's own (unused) classifier.
+    ``--factor 2``, ``nn.MSELoss``): no cross-entropy, no KD term, ``-b 1``, ``--simkd_factor 2``. A CE weight
+    above 0 (``-r``) would also train the student's own classifier, which the deployed network does not use.
 
     The teacher's classifier is needed only by the deployed network: the engine calls :meth:`bind_teacher`
     (a frozen copy of the teacher's ``nn.Linear`` on its pooled vector, kept here so that the checkpoint and

@@ -90,6 +90,15 @@ class Distiller(nn.Module):
     def init_modules(self, student: nn.Module) -> list[nn.Module]:
         return []
 
+    @property
+    def student_preact(self) -> bool:
+        """Whether the student's features are pre-activation; ``preact`` unless a method sets it apart."""
+        return self.__dict__.get("_student_preact", self.preact)
+
+    @student_preact.setter
+    def student_preact(self, value: bool) -> None:
+        self.__dict__["_student_preact"] = bool(value)
+
     def set_epoch(self, epoch: int, stage: str) -> None:
         """Called at the start of every epoch; no-op by default."""
 
@@ -132,9 +141,7 @@ def get_method(name: str) -> type[Distiller]:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ValueError(
-            f"unknown method {name!r}; valid --distill values: {', '.join(method_names())}"
-        ) from None
+        raise ValueError(f"unknown method {name!r}; valid --distill values: {', '.join(method_names())}") from None
 
 
 def parameters_of(modules: Iterable[nn.Module]) -> list[nn.Parameter]:

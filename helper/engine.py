@@ -127,9 +127,8 @@ class DistillObjective(Objective):
         self.teacher.eval()
 
     def __call__(self, batch: Batch) -> tuple[Terms, torch.Tensor]:
-        preact = self.distiller.preact
-        out_s = self.student(batch.input, is_feat=True, preact=preact)
-        out_t = teacher_forward(self.teacher, batch.input, preact)
+        out_s = self.student(batch.input, is_feat=True, preact=self.distiller.student_preact)
+        out_t = teacher_forward(self.teacher, batch.input, self.distiller.preact)
         terms: Terms = {}
         _term(terms, "ce", self.gamma, lambda: F.cross_entropy(out_s.logits, batch.target))
         _term(terms, "kd", self.alpha, lambda: self.kd(out_s.logits, out_t.logits))

@@ -161,6 +161,11 @@ def _protocol_suffix(args: argparse.Namespace) -> str:
         parts.append(f"val{args.val_size}")
     if args.test_size:
         parts.append(f"test{args.test_size}")
+    # Logit modifiers change the KD term: such runs never share a folder with the plain method.
+    if getattr(args, "logit_stand", False):
+        parts.append("ls")
+    if getattr(args, "ctkd", False):
+        parts.append("ctkd")
     return "".join(f"_{p}" for p in parts)
 
 

@@ -158,7 +158,7 @@ def tiny_batches(n: int = 4, b: int = 8, seed: int = 0, classes: int = 5) -> lis
 class CountingMethod(nn.Module):
     """A stand-in distiller: an MSE between pooled features through a trainable adapter."""
 
-    name, preact, has_loss = "count", False, True
+    name, preact, student_preact, has_loss = "count", False, False, True
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,0 +1,254 @@
+"""One run on several processes: two gloo processes on the CPU (torchrun) train like one process with the same
+global batch, and rank 0 alone writes the run folder.
+
+The end-to-end tests run ``train_teacher.py`` / ``train_student.py`` under ``torchrun --nproc_per_node 2`` and in
+one plain process, with ``--sync_bn`` (BatchNorm over the global batch, so the forward pass is that of one
+process). Few steps and small learning rates: training a random network on 100 images amplifies float rounding
+by about ten per step (a 1e-8 change of the initial weights moves them by 1e-3 within eight steps), so the
+comparison is made before rounding has grown past the tolerance. A wrong gradient weighting of unequal shares
+(13 and 12 rows of a batch of 25) moves the weights by 1e-3 within four steps, a hundred times the tolerance.
+
+This file is also the worker: ``python tests/test_distributed.py SPECS.json`` runs the listed commands in
+sequence, under torchrun or alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script by torchrun
+    sys.path.insert(0, str(ROOT))
+
+from dataset.batch import Batch  # noqa: E402
+from helper.distributed import Distributed, PortableSyncBatchNorm, convert_sync_batchnorm  # noqa: E402
+from helper.engine import Meter  # noqa: E402
+from helper.options import UsageError  # noqa: E402
+from models import create_model  # noqa: E402
+
+SHARED = Path(os.environ.get("KD_SHARED", ROOT.parent / "shared"))
+DATA = Path(os.environ.get("CIFAR100_ROOT", SHARED / "data"))
+HAS_DATA = (DATA / "cifar-100-python").is_dir()
+TOL = {"rtol": 1e-5, "atol": 2e-5}
+
+
+# ---------------------------------------------------------------------------------------------- the pieces
+
+
+def batch_of(n: int, k: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(n)
+    contrast = torch.randint(0, 100, (n, k + 1), generator=g) if k else None
+    return Batch(
+        torch.randn(n, 3, 4, 4, generator=g), torch.randint(0, 10, (n,), generator=g), torch.arange(n), contrast
+    )
+
+
+def test_one_process_is_left_as_it_is():
+    one, batch = Distributed(), batch_of(25, k=3)
+    part, scale = one.shard(batch)
+    assert part is batch and scale == 1.0
+    x = torch.randn(3)
+    assert one.sum(x) is x and one.record() == {} and not one.enabled and one.is_main
+    flag = lambda: True  # noqa: E731
+    assert one.agreed(flag) is flag and one.wrap("objective", None) == "objective"
+    model = create_model("resnet8")
+    assert one.batchnorm(model, True, torch.device("cpu")) is model and isinstance(model.bn1, nn.BatchNorm2d)
+    meter = Meter(torch.device("cpu"))
+    meter.count = 4
+    meter.add("loss", torch.tensor(2.5), 4)
+    assert meter.averages(one) == meter.averages() == {"loss": 2.5}
+
+
+def test_shares_are_interleaved_rows_and_weights_give_the_global_mean_gradient():
+    """DDP averages the processes' gradients; weighting each process's mean loss by its share (rows x world /
+    global rows) makes that average the gradient of the global batch's mean loss, also for 13 + 12 rows."""
+    batch = batch_of(25, k=3)
+    shares = [Distributed(rank=r, world_size=2).shard(batch) for r in range(2)]
+    assert [p.target.shape[0] for p, _ in shares] == [13, 12]
+    assert [s for _, s in shares] == [26 / 25, 24 / 25]
+    assert torch.equal(shares[1][0].input, batch.input[1::2]) and torch.equal(shares[1][0].index, batch.index[1::2])
+    assert torch.equal(shares[0][0].contrast_idx, batch.contrast_idx[0::2])
+    assert Distributed(rank=0, world_size=2).shard(batch_of(24))[1] == 1.0  # an even split: exactly 1
+
+    torch.manual_seed(0)
+    model = nn.Linear(48, 10)
+
+    def grad(part: Batch, scale: float = 1.0) -> torch.Tensor:
+        model.zero_grad()
+        (F.cross_entropy(model(part.input.flatten(1)), part.target) * scale).backward()
+        return model.weight.grad.clone()
+
+    ddp_average = sum(grad(part, scale) for part, scale in shares) / 2
+    torch.testing.assert_close(ddp_average, grad(batch), rtol=1e-6, atol=1e-7)
+    unweighted = sum(grad(part) for part, _ in shares) / 2
+    assert not torch.allclose(unweighted, grad(batch), rtol=1e-4, atol=1e-6)
+
+
+def test_every_process_needs_a_row_of_every_batch():
+    two = Distributed(rank=0, world_size=2)
+    two.check_batches(100, 25, drop_last=False)
+    two.check_batches(101, 25, drop_last=True)  # the batch of 1 is dropped
+    with pytest.raises(UsageError, match="batch of 1 images, fewer than the 2 processes"):
+        two.check_batches(101, 25, drop_last=False)
+    with pytest.raises(UsageError, match="--batch_size 1 "):
+        two.check_batches(100, 1, drop_last=False)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_sync_batchnorm_keeps_the_state_dict_and_one_process_batchnorm(device):
+    torch.manual_seed(0)
+    model = create_model("resnet8")
+    plain = create_model("resnet8")
+    plain.load_state_dict(model.state_dict())
+    converted = convert_sync_batchnorm(model, torch.device(device))  # conversion alone needs no GPU
+    kind = PortableSyncBatchNorm if device == "cpu" else nn.SyncBatchNorm
+    assert isinstance(converted.bn1, kind) and isinstance(converted.layer3[0].downsample[1], kind)
+    assert list(converted.state_dict()) == list(plain.state_dict())
+    if device == "cpu":  # without a process group it is plain BatchNorm, in training and evaluation
+        x = torch.randn(8, 3, 32, 32)
+        torch.testing.assert_close(converted(x), plain(x), rtol=0, atol=0)
+        for key, value in plain.state_dict().items():
+            assert torch.equal(converted.state_dict()[key], value), key
+        converted.eval(), plain.eval()
+        torch.testing.assert_close(converted(x), plain(x), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+# Batches of 25 split 13 + 12 (the weighting matters); CRD's batches of 45 split 23 + 22, then 5 + 5 (the memory
+# gather pads the shorter share). The test set (100 images, one evaluation batch) leaves rank 1 without one.
+COMMON = ["--train_size", "100", "--test_size", "100", "--device", "cpu", "--sync_bn", "--print_freq", "1"]
+STUDENT = ["--model_s", "resnet8", "--epochs", "1"]
+RUNS = {
+    "teacher": ("train_teacher.py", ["--model", "resnet8", "--epochs", "1", "--batch_size", "25", "--learning_rate", "0.01"]),
+    "kd": ("train_student.py", [*STUDENT, "--distill", "kd", "--batch_size", "25", "--learning_rate", "0.01"]),
+    "crd": ("train_student.py", [*STUDENT, "--distill", "crd", "--nce_k", "50", "--batch_size", "45",
+                                 "--learning_rate", "0.002", "--run_name", "crd"]),
+}  # fmt: skip
+# CRD is then resumed for a second epoch: every process loads the checkpoint (model, memory, optimizer).
+RESUME = ["--epochs", "2", "--resume", "auto"]
+
+
+def _specs(save_dir: Path, teacher: Path) -> list[tuple[str, list[str]]]:
+    common = [*COMMON, "--data_folder", str(DATA), "--save_dir", str(save_dir)]
+    specs = []
+    for script, argv in RUNS.values():
+        specs.append((script, [*argv, *common, *(["--path_t", str(teacher)] if script == "train_student.py" else [])]))
+    script, argv = specs[-1]
+    specs.append((script, [*argv, *RESUME]))
+    return specs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """The same commands in two processes (torchrun, gloo) and in one; returns the two save folders."""
+    root = tmp_path_factory.mktemp("distributed")
+    teacher = root / "teacher.pth"
+    torch.manual_seed(0)
+    torch.save({"model": create_model("resnet8").state_dict(), "arch": "resnet8"}, teacher)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = {}
+    for name, launcher in (
+        ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]),
+        ("one", [sys.executable]),
+    ):
+        spec_file = root / f"{name}.json"
+        spec_file.write_text(json.dumps(_specs(root / name, teacher)))
+        log = open(root / f"{name}.log", "w")  # noqa: SIM115 (closed below)
+        procs[name] = (subprocess.Popen([*launcher, __file__, str(spec_file)], env=env, stdout=log, stderr=log), log)
+    for name, (proc, log) in procs.items():
+        code = proc.wait(timeout=600)
+        log.close()
+        assert code == 0, f"{name} process(es) failed:\n{(root / f'{name}.log').read_text()[-4000:]}"
+    return {"one": root / "one", "two": root / "two", "log": root / "two.log"}
+
+
+def run_folder(save_dir: Path, name: str) -> Path:
+    parent = save_dir / ("models" if name == "teacher" else "student_model")
+    if name.startswith("crd"):
+        return parent / "crd"
+    (folder,) = [p for p in parent.iterdir() if f"_{name}_" in p.name or name == "teacher"]
+    return folder
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_state(one: dict, two: dict) -> None:
+    for part in ("model", "distiller"):
+        if part not in one:
+            continue
+        assert one[part].keys() == two[part].keys()
+        for key, value in one[part].items():
+            torch.testing.assert_close(two[part][key], value, **TOL, msg=lambda m, k=key: f"{part}.{k}: {m}")
+    assert one["epoch"] == two["epoch"] and one["step"] == two["step"]
+
+
+@pytest.mark.parametrize("name", ["teacher", "kd", "crd"])
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_DATA, reason=f"CIFAR-100 not found at {DATA}")
+def test_two_processes_train_like_one(runs, name):
+    one, two = run_folder(runs["one"], name), run_folder(runs["two"], name)
+    checkpoints = ["ckpt_epoch_1.pth", "latest.pth"] if name == "crd" else ["latest.pth"]  # crd: then resumed
+    for file in checkpoints:
+        assert_same_state(load(one / file), load(two / file))
+    if name == "crd":  # the memory moved, and equally: the gathered global batch updated every process's copy
+        state = load(two / "latest.pth")["distiller"]
+        assert state["crd.contrast.z_s"] > 0
+    rows_one = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    rows_two = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows_two) == len(rows_one) == (2 if name == "crd" else 1)
+    for a, b in zip(rows_one, rows_two):  # meters: sums over both processes' rows
+        for key in ("train_loss", "train_acc", "test_acc", "test_acc_top5", "test_loss", "lr"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-4), key
+        assert {k for k in a if k.startswith("loss_")} == {k for k in b if k.startswith("loss_")}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_DATA, reason=f"CIFAR-100 not found at {DATA}")
+def test_rank_zero_alone_writes_the_run_folder(runs):
+    for name in ("teacher", "kd", "crd"):
+        one, two = run_folder(runs["one"], name), run_folder(runs["two"], name)
+        assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+        assert not (two / "run.lock").exists() and not list(two.glob(".write_test*"))
+        assert len(list((two / "tb").iterdir())) == len(list((one / "tb").iterdir()))  # one events file per command
+        log = (two / "run.log").read_text()
+        assert log.count("run folder:") == (2 if name == "crd" else 1)  # rank 0's lines only
+        args = json.loads((two / "args.json").read_text())
+        assert args["world_size"] == 2 and args["backend"] == "gloo" and args["args"]["batch_size"] in (25, 45)
+        summary = json.loads((two / "summary.json").read_text())
+        assert summary["world_size"] == 2 and "world_size" not in json.loads((one / "summary.json").read_text())
+        assert summary["test_acc"] == pytest.approx(json.loads((one / "summary.json").read_text())["test_acc"])
+    assert "process group: 2 processes (gloo)" in runs["log"].read_text()
+
+
+# ---------------------------------------------------------------------------------------------- the worker
+
+
+def _run_specs(path: str) -> None:
+    """Run each (script, argv) of the JSON file in this process, in order (under torchrun: in every rank)."""
+    import train_student
+    import train_teacher
+
+    for script, argv in json.loads(Path(path).read_text()):
+        entry = train_teacher.main if script == "train_teacher.py" else train_student.main
+        assert entry(argv) == 0
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            root.removeHandler(handler)  # each run's run.log holds that run's lines only
+            handler.close()
+
+
+if __name__ == "__main__":
+    _run_specs(sys.argv[1])
