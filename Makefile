@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 # CIFAR-100 and the teachers: found beside the project on machines without internet.
 SHARED ?= $(abspath ../shared)
 export CIFAR100_ROOT ?= $(if $(wildcard $(SHARED)/data/cifar-100-python),$(SHARED)/data,./data)
+# Idle OpenMP threads yield instead of spinning (spinning slowed CPU steps several-fold on small machines).
+export OMP_WAIT_POLICY ?= PASSIVE
 export KD_TEACHERS ?= $(if $(wildcard $(SHARED)/teachers),$(SHARED)/teachers,./save/models)
 
 .PHONY: venv test lint demo bench clean

@@ -30,6 +30,8 @@ def build_data(args: argparse.Namespace, device: torch.device, seed: int, contra
     train_idx, val_idx = split_indices(data.train_labels, args.train_size, args.val_size, seed)
     images, labels = data.train_images[train_idx], data.train_labels[train_idx]
     memory_format = torch.channels_last if args.channels_last else None
+    # Large evaluation batches pay off on a GPU; on a CPU, 100 measured 2-4x faster than 1000 (cache-sized).
+    eval_batch = args.eval_batch_size or (1000 if device.type == "cuda" else 100)
     crd = None
     if contrast:
         negatives = len(labels) - int(torch.bincount(labels).max())
@@ -48,13 +50,13 @@ def build_data(args: argparse.Namespace, device: torch.device, seed: int, contra
         (test_idx, _) = split_indices(test_labels, args.test_size, 0, seed)
         test_images, test_labels = test_images[test_idx], test_labels[test_idx]
     test = DeviceLoader(
-        test_images, test_labels, args.eval_batch_size, device, train=False, seed=seed,
+        test_images, test_labels, eval_batch, device, train=False, seed=seed,
         memory_format=memory_format,
     )  # fmt: skip
     val = None
     if len(val_idx):
         val = DeviceLoader(
-            data.train_images[val_idx], data.train_labels[val_idx], args.eval_batch_size, device, train=False,
+            data.train_images[val_idx], data.train_labels[val_idx], eval_batch, device, train=False,
             seed=seed, memory_format=memory_format,
         )  # fmt: skip
     log.info(

@@ -209,7 +209,10 @@ class _Trained(nn.Module):
         self.params = nn.ParameterList(params)
 
     def forward(self, batch: Batch) -> Any:
-        return self.objective(batch)
+        terms, logits = self.objective(batch)
+        # Only the loss terms lead to the parameters: the logits (scored for the training accuracy) may depend
+        # on parameters the loss does not use (SimKD's student classifier), which DDP would wait for.
+        return terms, logits.detach()
 
 
 class DDPObjective:

@@ -58,7 +58,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     add("--device", type=str, default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     add("--save_dir", type=str, default="./save", help="root of the run folders")
     add("--run_name", type=str, default=None, help="run folder name (default: RepDistiller's naming)")
-    add("--eval_batch_size", type=int, default=1000, help="evaluation batch size")
+    add("--eval_batch_size", type=int, default=None, help="evaluation batch size (default: 1000 on GPU, 100 on CPU)")
     add("--drop_last", action="store_true", help="drop the last partial training batch")
     add("--amp", type=str, default="none", choices=["none", "bf16", "fp16"], help="autocast precision")
     add("--channels_last", action="store_true", help="channels-last memory format")

@@ -89,7 +89,7 @@ def plot_curves(series: Sequence[Series], title: str, path: Path) -> Path:
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("test top-1 accuracy (%)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(_wrap(title), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return _save(fig, plt, path)
@@ -98,15 +98,21 @@ def plot_curves(series: Sequence[Series], title: str, path: Path) -> Path:
 def plot_bars(bars: Sequence[Bar], title: str, path: Path) -> Path:
     """One bar per method (our mean, error bar = sample std), the published number as a marker beside it."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(bars) + 2), 4.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.9 * len(bars) + 2), 4.5), dpi=110)
     xs = list(range(len(bars)))
     means = [b.mean for b in bars]
     errs = [b.std or 0.0 for b in bars]
-    rects = ax.bar(xs, means, yerr=errs, capsize=3, color="tab:blue", alpha=0.8, label="ours (last epoch)")
+    rects = ax.bar(xs, means, color="tab:blue", alpha=0.8, label="ours (last epoch)")
+    spread = [(x, m, e) for x, m, e, b in zip(xs, means, errs, bars) if b.n > 1]
+    if spread:  # error bars only where there is a spread to show (n > 1)
+        ax.errorbar([x for x, _, _ in spread], [m for _, m, _ in spread], yerr=[e for _, _, e in spread],
+                    fmt="none", ecolor="black", capsize=3, label="± std over seeds")  # fmt: skip
     for rect, b in zip(rects, bars):
         if not math.isnan(b.mean):
+            # Above the bar, its error bar and the published marker, so that nothing overlaps the text.
+            top = max(b.mean + (b.std or 0.0), b.published if b.published is not None else -math.inf)
             ax.annotate(
-                f"{b.mean:.1f}\nn={b.n}", (rect.get_x() + rect.get_width() / 2, b.mean + (b.std or 0.0)), xytext=(0, 3),
+                f"{b.mean:.1f}\nn={b.n}", (rect.get_x() + rect.get_width() / 2, top), xytext=(0, 4),
                 textcoords="offset points", ha="center", va="bottom", fontsize=7,
             )  # fmt: skip
     pub = [(x, b.published) for x, b in zip(xs, bars) if b.published is not None]
@@ -118,13 +124,25 @@ def plot_bars(bars: Sequence[Bar], title: str, path: Path) -> Path:
     values = [v for v in means + [p for _, p in pub] if not math.isnan(v)]
     if values:
         lo, hi = min(values), max(values)
-        ax.set_ylim(max(0.0, lo - 0.15 * (hi - lo) - 5), min(100.0, hi + 0.15 * (hi - lo) + 5))
+        # Zoom in on high accuracies (differences of a point matter there); start at 0 for low ones.
+        bottom = 0.0 if lo < 30 else lo - 0.15 * (hi - lo) - 5
+        ax.set_ylim(bottom, min(100.0, hi + 0.25 * (hi - bottom) + 1))
     ax.set_xticks(xs, [b.label for b in bars], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("test top-1 accuracy (%)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(_wrap(title), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     return _save(fig, plt, path)
+
+
+def _wrap(title: str, width: int = 60) -> str:
+    """Long titles on two lines, broken at ' (' (pair, then protocol) or at the last space that fits."""
+    if len(title) <= width:
+        return title
+    cut = title.find(" (")
+    if cut <= 0 or cut > width:
+        cut = title.rfind(" ", 0, width)
+    return title if cut <= 0 else title[:cut] + "\n" + title[cut + 1 :]
 
 
 def _save(fig: Any, plt: Any, path: Path) -> Path:

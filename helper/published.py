@@ -4,7 +4,7 @@ Two tables live in ``helper/published/``:
 
 * ``repdistiller_cifar100.csv``: RepDistiller's README tables (= CRD paper Tables 1-2): for each of the 13
   teacher/student pairs the teacher, the student trained alone (``vanilla``) and every method, plus the
-  paper's CRD+KD rows. RepDistiller reports the LAST epoch of 240 (RepDistiller issue #16).
+  paper's CRD+KD rows. RepDistiller reports the LAST epoch of 240 (RepDistiller GitHub #16).
 * ``newer_methods_cifar100.csv``: later methods (OFD, ReviewKD, DKD, DIST, CTKD, LS, SimKD, TTM, ...) on the
   standard pairs, each row with its source and its protocol flags (``best-epoch``, ``480 ep``,
   ``extra deployed params``, ...), because those numbers were not all measured the same way.
@@ -25,7 +25,7 @@ from pathlib import Path
 DATA_DIR = Path(__file__).resolve().parent / "published"
 TABLES = ("repdistiller_cifar100.csv", "newer_methods_cifar100.csv")
 
-# RepDistiller's pairs (reference §1.4): Table 1 same family, Table 2 across families, in table order.
+# RepDistiller's pairs (its README, = CRD paper Tables 1 and 2): same family, then across families, in table order.
 SAME_FAMILY_PAIRS = (
     ("wrn_40_2", "wrn_16_2"),
     ("wrn_40_2", "wrn_40_1"),

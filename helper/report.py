@@ -8,9 +8,9 @@ different protocols (epochs, training-set size, validation split, non-default fl
 never averaged together: each protocol gets a table of its own, and the difference to a published number
 is only shown where the protocol is RepDistiller's (240 epochs on the full training set).
 
-Three accuracies per group, because papers disagree on which one they report (peers.md §2):
+Three accuracies per group, because papers disagree on which one they report:
 
-* last epoch: RepDistiller's and CRD's rule (RepDistiller issue #16), the one compared with its tables;
+* last epoch: RepDistiller's and CRD's rule (RepDistiller GitHub #16), the one compared with its tables;
 * best epoch: the maximum over epochs of the TEST accuracy (the DKD/mdistiller rule; optimistic, since
   it selects on the test set);
 * val-selected: the test accuracy at the epoch of best accuracy on a held-out split of the training set
@@ -39,7 +39,7 @@ from helper import published
 log = logging.getLogger(__name__)
 
 FULL_TRAIN_SIZE = 50_000  # CIFAR-100 training images (Krizhevsky, 2009)
-STANDARD_EPOCHS = 240  # RepDistiller's schedule (reference §3.3)
+STANDARD_EPOCHS = 240  # RepDistiller's schedule (its train_student.py default)
 
 # Flags that do not change what is measured: bookkeeping, placement, identity of the run. The seed and
 # trial are the very thing a group averages over; the teacher file is summarised by its accuracy.
@@ -131,7 +131,8 @@ def method_flags_of(kind: str, args: dict[str, Any]) -> Flags:
         return ()
     teacher = _parser_defaults("teacher")
     defaults = _parser_defaults("student")
-    return _non_default(args, defaults, (k for k in defaults if k not in teacher and k not in NEUTRAL_FLAGS))
+    keys = (k for k in defaults if k not in teacher and k not in NEUTRAL_FLAGS and k not in MODIFIERS)
+    return _non_default(args, defaults, keys)
 
 
 def protocol_of(kind: str, args: dict[str, Any], summary: dict[str, Any], arch: str) -> Protocol:
@@ -153,19 +154,32 @@ def protocol_of(kind: str, args: dict[str, Any], summary: dict[str, Any], arch: 
     )
 
 
-def table_method(method: str, alpha: float) -> str:
-    """RepDistiller's naming: a feature method trained with the KD term as well (``-a`` > 0) is
-    ``<method>+kd`` (CRD+KD is ``--distill crd -a 1 -b 0.8``)."""
-    if alpha <= 0 or method == "kd":
-        return method
-    try:
-        from distiller_zoo import get_method
+# Logit modifiers that combine with a method and give it a name of its own in the published tables
+# (the LS-KD README: KD+LS, DKD+LS, MLKD+LS, KD+CTKD): flag -> suffix.
+MODIFIERS = {"logit_stand": "ls", "ctkd": "ctkd"}
 
-        if get_method(method).defaults.get("alpha", 0.0) > 0:
-            return method  # the KD term is part of this method's own recipe
-    except ValueError:
-        pass  # a method this checkout does not register: name it by the rule above
-    return f"{method}+kd"
+
+def table_method(method: str, alpha: float, args: dict[str, Any] | None = None) -> str:
+    """The name of a run in the tables.
+
+    RepDistiller's naming: a feature method trained with the KD term as well (``-a`` > 0) is
+    ``<method>+kd`` (CRD+KD is ``--distill crd -a 1 -b 0.8``). Logit modifiers append theirs:
+    ``--distill kd --logit_stand`` is ``kd+ls``, ``--distill dkd --logit_stand`` is ``dkd+ls``.
+    """
+    name = method
+    if alpha > 0 and method != "kd":
+        try:
+            from distiller_zoo import get_method
+
+            own_kd = get_method(method).defaults.get("alpha", 0.0) > 0  # the KD term is part of its recipe
+        except ValueError:
+            own_kd = False  # a method this checkout does not register: name it by the rule above
+        if not own_kd:
+            name = f"{method}+kd"
+    for flag, suffix in MODIFIERS.items():
+        if (args or {}).get(flag):
+            name = f"{name}+{suffix}"
+    return name
 
 
 def read_run(summary_path: Path) -> RunRecord | None:
@@ -187,7 +201,7 @@ def read_run(summary_path: Path) -> RunRecord | None:
     else:
         teacher = summary.get("model_t")
         gamma, alpha, beta = (float(summary.get(k, 0.0)) for k in ("gamma", "alpha", "beta"))
-        method, weights = table_method(summary.get("method", "?"), alpha), (gamma, alpha, beta)
+        method, weights = table_method(summary.get("method", "?"), alpha, args), (gamma, alpha, beta)
     protocol = protocol_of(kind, args, summary, student)
     return RunRecord(folder, summary, args, teacher, student, method, weights, protocol, method_flags_of(kind, args))
 
@@ -455,10 +469,11 @@ def markdown(groups: Sequence[Group]) -> str:
         return "\n".join([*lines, "No finished runs found.", ""])
     lines += [
         "Top-1 accuracy (%) on the 10,000 CIFAR-100 test images: mean ± sample std over seeds (n runs).",
-        "Last epoch is RepDistiller's reporting rule (its issue #16) and is what Δ compares with its tables.",
+        "Last epoch is RepDistiller's reporting rule (RepDistiller GitHub #16) and is what Δ compares with its tables.",
         "Best epoch selects on the test set (the DKD/mdistiller rule; optimistic). Val-selected is the test accuracy",
         "at the epoch that is best on a held-out validation split (runs with --val_size only).",
         "Δ = ours − published; 'n/c': not comparable (another protocol, or method flags other than the published).",
+        "img/s: training throughput; Wall/run: time of the training loop per run (summary.json), mean over runs.",
         "",
     ]
     sources: dict[str, int] = {}

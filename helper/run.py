@@ -137,8 +137,12 @@ class RunFinished(Exception):
 class _StopFlag:
     """SIGINT/SIGTERM set a flag; the loop stops at the next step boundary and saves."""
 
-    def __init__(self) -> None:
+    def __init__(self, repeat_grace: float = 0.0) -> None:
         self.signum: int | None = None
+        # torchrun passes a Ctrl-C or SIGTERM on to its processes, which may have had it already: a signal that
+        # soon after the first is the same request, not a second one.
+        self.repeat_grace = repeat_grace
+        self._first_at = 0.0
 
     def __call__(self) -> bool:
         return self.signum is not None
@@ -147,8 +151,10 @@ class _StopFlag:
     def installed(self) -> Iterator[None]:
         def handler(signum: int, frame: Any) -> None:
             if self.signum is not None:  # a second signal: stop now
+                if time.monotonic() - self._first_at < self.repeat_grace:
+                    return
                 raise KeyboardInterrupt
-            self.signum = signum
+            self.signum, self._first_at = signum, time.monotonic()
             log.warning("received %s: stopping at the next step and saving a checkpoint", signal.Signals(signum).name)
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -277,7 +283,7 @@ def _fit(run: Run, resume_path: Path | None) -> dict[str, Any]:
         write_json(run.folder / "args.json", {"args": vars(args), **run.config, **run.dist.record()})
     log.info("run folder: %s", run.folder)
 
-    stop = _StopFlag()
+    stop = _StopFlag(repeat_grace=5.0 if run.dist.enabled else 0.0)
     control = StepControl(skip_nonfinite=args.skip_nonfinite, stop_requested=run.dist.agreed(stop))
     control.skipped = skipped
     scaler = run.precision.scaler()
@@ -313,6 +319,8 @@ def _fit(run: Run, resume_path: Path | None) -> dict[str, Any]:
                     raise SystemExit(
                         f"stopped by {signal.Signals(stop.signum).name} at {stage.name} epoch {epoch}, step {steps}; "
                         f"saved {path}. Resume with the same command plus --resume auto"
+                        if main_process
+                        else 1  # rank 0 says it
                     )
                 skip_steps = 0
                 images_seen += stats["images"]

@@ -121,7 +121,7 @@ def default_settings(device: torch.device, quick: bool) -> list[Setting]:
     # Compilation takes minutes on a small CPU, so the quick run leaves it out.
     settings = [Setting(), Setting(channels_last=True)]
     if not quick:
-        settings.append(Setting(compile=True))
+        settings.append(Setting(channels_last=True, compile=True))
     if native_bf16(device):
         settings.append(Setting("bf16", True))
     return settings
@@ -398,13 +398,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data_folder", default=None, help="CIFAR-100 root (default: $CIFAR100_ROOT, else ./data)")
     p.add_argument("--methods", default=None, help="comma-separated methods (default: all; --quick: kd,crd)")
     p.add_argument("--settings", default=None, help="comma-separated fast-path settings, e.g. fp32,bf16+cl+compile")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per round (default 10; --quick 4)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps before each round (default 2; --quick 1)")
-    p.add_argument("--rounds", type=int, default=None, help="rounds; the best is kept (default 3; --quick 2)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per round (default: CPU 4, GPU 50)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps before each round (CPU 1, GPU 10)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds; the best is kept (default 5; --quick 3)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--nce_k", type=int, default=16384, help="CRD negatives (RepDistiller's default)")
     p.add_argument("--batch_size", type=int, default=64, help="RepDistiller's default")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the baseline (RepDistiller: 8)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader workers of the baseline (default: RepDistiller's 8, at most the number of cores)",
+    )
     p.add_argument("--quick", action="store_true", help="a short run: kd and crd, fewer steps, no compilation on CPU")
     p.add_argument("--parallel", type=int, default=1, help="N processes at once; their images/s are summed")
     p.add_argument("--ours_only", action="store_true", help="skip the baseline")
@@ -414,9 +419,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opts = p.parse_args(argv)
     opts.device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     opts.teacher, opts.student = opts.pair.split(",")
-    opts.steps = opts.steps or (4 if opts.quick else 10)
-    opts.warmup = opts.warmup if opts.warmup is not None else (1 if opts.quick else 2)
-    opts.rounds = opts.rounds or (2 if opts.quick else 3)
+    # A CPU step takes about a second and other processes may come and go: short rounds, many of them,
+    # keep the best. A GPU step takes milliseconds: longer rounds.
+    cpu = opts.device.type == "cpu"
+    opts.steps = opts.steps or (4 if cpu else 50)
+    opts.warmup = opts.warmup if opts.warmup is not None else (1 if cpu else 10)
+    opts.rounds = opts.rounds or (3 if opts.quick else 5)
+    opts.workers = opts.workers if opts.workers is not None else min(8, os.cpu_count() or 1)
     if opts.methods:
         opts.methods = opts.methods.split(",")
     else:

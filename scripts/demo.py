@@ -108,7 +108,7 @@ def report_on(runs: list[dict], args: argparse.Namespace, times: dict[str, float
     """What was measured, in words, next to what the full protocol gives (RepDistiller's README numbers)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))  # run as `python scripts/demo.py`
-    from helper.published import lookup
+    from helper.published import lookup, teacher_accuracy
 
     acc = {}
     for s in runs:
@@ -121,7 +121,7 @@ def report_on(runs: list[dict], args: argparse.Namespace, times: dict[str, float
     teacher_acc = next((s["teacher_acc"] for s in runs if s.get("teacher_acc") is not None), None)
     print("\nWhat was measured (one seed each; at this scale differences of a point or so are seed noise):")
     if teacher_acc is not None:
-        published = lookup(TEACHER, "resnet20", "teacher").acc
+        published = teacher_accuracy(TEACHER)
         print(
             f"  teacher {TEACHER}: {teacher_acc:.2f}% on the 10,000 test images, evaluated by train_student.py "
             f"(RepDistiller's teacher: {published:.2f}%)"

@@ -5,7 +5,7 @@
     python scripts/fetch_teachers.py --from ../shared/teachers   # link teachers already on disk
     python scripts/fetch_teachers.py --from cifar_teachers.tar   # a manually downloaded archive
 
-Where the files still are (RepDistiller's own server has been down since 2022, its issue #47), tried in order:
+Where the files still are (RepDistiller's own server has been down since 2022, RepDistiller GitHub #47), tried in order:
 
 1. ``mdistiller``: the ``cifar_teachers.tar`` asset of megvii-research/mdistiller's GitHub release
    ``checkpoints`` (its README, "Training on CIFAR-100"); members ``cifar_teachers/<arch>_vanilla/
@@ -22,7 +22,7 @@ Each URL can be replaced by an environment variable (a mirror; tests point them 
 
 After fetching, every teacher is evaluated on the 10,000 CIFAR-100 test images and printed beside its
 published accuracy; a checkpoint more than 1 point away is flagged (RepDistiller's resnet110 file is
-reported at 70.27% instead of 74.31%, RepDistiller issue #29).
+reported at 70.27% instead of 74.31%, RepDistiller GitHub #29).
 """
 
 from __future__ import annotations
@@ -314,7 +314,10 @@ def evaluate_teachers(fetched: list[Fetched], data_folder: str | None, device_na
 
     device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
     data = load_cifar100(resolve_data_folder(data_folder))
-    loader = DeviceLoader(data.test_images, data.test_labels, 500, device, train=False)
+    # Small batches evaluate faster on CPUs (activations stay in cache); large ones keep a GPU busy.
+    loader = DeviceLoader(
+        data.test_images, data.test_labels, 100 if device.type == "cpu" else 1000, device, train=False
+    )
     rows = []
     for item in fetched:
         model, arch, ckpt = load_teacher(str(item.path), item.arch, num_classes=100)
@@ -360,8 +363,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Fetch trained CIFAR-100 teachers into save/models/<arch>_vanilla/ckpt_epoch_240.pth "
         "and evaluate them on the test set.",
     )
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=None,
-                        help=f"teachers to fetch (default: RepDistiller's {' '.join(REPDISTILLER_TEACHERS)}; "
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=None, metavar="ARCH",
+                        help=f"teachers to fetch, of {' '.join(MODELS)} (default: RepDistiller's six; "
                         "with --from: every teacher found there)")  # fmt: skip
     parser.add_argument("--source", choices=["mdistiller", "shape2prog", "chenyaofo"], default=None,
                         help="use only this source (default: try them in order)")  # fmt: skip
@@ -405,6 +408,8 @@ def gather(args: argparse.Namespace) -> Iterator[Fetched | FetchError]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Read by OpenMP when torch loads (below, lazily): spinning threads starve each other on shared cores.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))  # run as `python scripts/fetch_teachers.py`: the project's packages

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Distil every method of RepDistiller's CIFAR-100 tables on each of their 13 teacher/student pairs, with the
-# published loss weights (RepDistiller's scripts/run_cifar_distill.sh; reference §6), plus CRD+KD.
+# published loss weights (RepDistiller's scripts/run_cifar_distill.sh), plus CRD+KD.
 #
 #   scripts/run_cifar_distill.sh                               # 175 runs: 13 pairs x 13 settings + FSP on 6
 #   TRIALS="1 2 3" GPUS="0 1 2 3" JOBS_PER_GPU=2 scripts/run_cifar_distill.sh
@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/queue.sh
 source scripts/queue.sh
 
-# RepDistiller's Table 1 (same family) and Table 2 (different families), reference §1.4.
+# RepDistiller's README tables (= CRD paper Table 1, same family; Table 2, different families).
 SAME_FAMILY="wrn_40_2:wrn_16_2 wrn_40_2:wrn_40_1 resnet56:resnet20 resnet110:resnet20 resnet110:resnet32"
 SAME_FAMILY+=" resnet32x4:resnet8x4 vgg13:vgg8"
 CROSS_FAMILY="vgg13:MobileNetV2 ResNet50:MobileNetV2 ResNet50:vgg8 resnet32x4:ShuffleV1 resnet32x4:ShuffleV2"

@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/queue.sh
 source scripts/queue.sh
 
-# RepDistiller's teachers (reference §1.4) and its vanilla students (Tables 1 and 2).
+# RepDistiller's teachers (its fetch_pretrained_teachers.sh) and its vanilla students (its README tables).
 TEACHER_MODELS=(wrn_40_2 resnet56 resnet110 resnet32x4 vgg13 ResNet50)
 STUDENT_MODELS=(resnet8x4 resnet20 resnet32 wrn_16_2 wrn_40_1 vgg8 MobileNetV2 ShuffleV1 ShuffleV2)
 MODELS="${MODELS:-${TEACHER_MODELS[*]} ${STUDENT_MODELS[*]}}"

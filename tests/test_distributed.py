@@ -130,12 +130,14 @@ def test_sync_batchnorm_keeps_the_state_dict_and_one_process_batchnorm(device):
 COMMON = ["--train_size", "100", "--test_size", "100", "--device", "cpu", "--sync_bn", "--print_freq", "1"]
 STUDENT = ["--model_s", "resnet8", "--epochs", "1"]
 RUNS = {
-    "teacher": ("train_teacher.py", ["--model", "resnet8", "--epochs", "1", "--batch_size", "25", "--learning_rate", "0.01"]),
+    "teacher": ("train_teacher.py", ["--model", "resnet8", "--epochs", "1", "--batch_size", "25",
+                                     "--learning_rate", "0.01"]),
     "kd": ("train_student.py", [*STUDENT, "--distill", "kd", "--batch_size", "25", "--learning_rate", "0.01"]),
     "crd": ("train_student.py", [*STUDENT, "--distill", "crd", "--nce_k", "50", "--batch_size", "45",
                                  "--learning_rate", "0.002", "--run_name", "crd"]),
 }  # fmt: skip
-# CRD is then resumed for a second epoch: every process loads the checkpoint (model, memory, optimizer).
+# CRD is then resumed for a second epoch, as if stopped after its first (summary.json removed): every process
+# loads the checkpoint (model, memory, optimizer).
 RESUME = ["--epochs", "2", "--resume", "auto"]
 
 
@@ -145,32 +147,39 @@ def _specs(save_dir: Path, teacher: Path) -> list[tuple[str, list[str]]]:
     for script, argv in RUNS.values():
         specs.append((script, [*argv, *common, *(["--path_t", str(teacher)] if script == "train_student.py" else [])]))
     script, argv = specs[-1]
-    specs.append((script, [*argv, *RESUME]))
+    specs += [("unfinish", [str(save_dir / "student_model" / "crd" / "summary.json")]), (script, [*argv, *RESUME])]
     return specs
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """The same commands in two processes (torchrun, gloo) and in one; returns the two save folders."""
+    """The same commands in two processes (torchrun, gloo) and in one; returns the two save folders.
+
+    The teacher runs as a plain ``torchrun ... train_teacher.py`` (the command joins the process group from
+    torchrun's environment); the students run through this file as the worker, which joins once for all."""
     root = tmp_path_factory.mktemp("distributed")
     teacher = root / "teacher.pth"
     torch.manual_seed(0)
     torch.save({"model": create_model("resnet8").state_dict(), "arch": "resnet8"}, teacher)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    one, two = _specs(root / "one", teacher), _specs(root / "two", teacher)
+    (root / "one.json").write_text(json.dumps(one))
+    (root / "two.json").write_text(json.dumps(two[1:]))
+    commands = {
+        "one": [sys.executable, __file__, str(root / "one.json")],
+        "two": [*torchrun, __file__, str(root / "two.json")],
+        "cli": [*torchrun, str(ROOT / two[0][0]), *two[0][1]],
+    }
     procs = {}
-    for name, launcher in (
-        ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]),
-        ("one", [sys.executable]),
-    ):
-        spec_file = root / f"{name}.json"
-        spec_file.write_text(json.dumps(_specs(root / name, teacher)))
+    for name, command in commands.items():
         log = open(root / f"{name}.log", "w")  # noqa: SIM115 (closed below)
-        procs[name] = (subprocess.Popen([*launcher, __file__, str(spec_file)], env=env, stdout=log, stderr=log), log)
+        procs[name] = (subprocess.Popen(command, env=env, cwd=root, stdout=log, stderr=log), log)
     for name, (proc, log) in procs.items():
         code = proc.wait(timeout=600)
         log.close()
         assert code == 0, f"{name} process(es) failed:\n{(root / f'{name}.log').read_text()[-4000:]}"
-    return {"one": root / "one", "two": root / "two", "log": root / "two.log"}
+    return {"one": root / "one", "two": root / "two", "logs": root}
 
 
 def run_folder(save_dir: Path, name: str) -> Path:
@@ -191,7 +200,7 @@ def assert_same_state(one: dict, two: dict) -> None:
             continue
         assert one[part].keys() == two[part].keys()
         for key, value in one[part].items():
-            torch.testing.assert_close(two[part][key], value, **TOL, msg=lambda m, k=key: f"{part}.{k}: {m}")
+            torch.testing.assert_close(two[part][key], value, **TOL, msg=lambda m, k=f"{part}.{key}": f"{k}: {m}")
     assert one["epoch"] == two["epoch"] and one["step"] == two["step"]
 
 
@@ -230,7 +239,8 @@ def test_rank_zero_alone_writes_the_run_folder(runs):
         summary = json.loads((two / "summary.json").read_text())
         assert summary["world_size"] == 2 and "world_size" not in json.loads((one / "summary.json").read_text())
         assert summary["test_acc"] == pytest.approx(json.loads((one / "summary.json").read_text())["test_acc"])
-    assert "process group: 2 processes (gloo)" in runs["log"].read_text()
+    for log in ("cli.log", "two.log"):
+        assert "process group: 2 processes (gloo)" in (runs["logs"] / log).read_text()
 
 
 # ---------------------------------------------------------------------------------------------- the worker
@@ -238,16 +248,29 @@ def test_rank_zero_alone_writes_the_run_folder(runs):
 
 def _run_specs(path: str) -> None:
     """Run each (script, argv) of the JSON file in this process, in order (under torchrun: in every rank)."""
+    import torch.distributed as tdist
+
     import train_student
     import train_teacher
 
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if several:  # one process group for all the commands (the commands join it rather than start their own)
+        tdist.init_process_group("gloo")
     for script, argv in json.loads(Path(path).read_text()):
+        if script == "unfinish":  # rank 0 removes the summary, as if the run had stopped after its checkpoint
+            if not several or tdist.get_rank() == 0:
+                Path(argv[0]).unlink()
+            if several:
+                tdist.barrier()
+            continue
         entry = train_teacher.main if script == "train_teacher.py" else train_student.main
         assert entry(argv) == 0
         root = logging.getLogger()
         for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
             root.removeHandler(handler)  # each run's run.log holds that run's lines only
             handler.close()
+    if several:
+        tdist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -133,6 +133,10 @@ def test_crd_with_kd_term_is_crd_plus_kd(runs: Path):
     assert report.table_method("crd", 1.0) == "crd+kd"
     assert report.table_method("crd", 0.0) == "crd"
     assert report.table_method("kd", 0.9) == "kd"
+    # Logit modifiers name the combination as the published tables do (KD+LS, DKD+LS, KD+CTKD).
+    assert report.table_method("kd", 0.9, {"logit_stand": True}) == "kd+ls"
+    assert report.table_method("dkd", 0.0, {"logit_stand": True, "ctkd": False}) == "dkd+ls"
+    assert report.table_method("kd", 0.9, {"ctkd": True}) == "kd+ctkd"
 
 
 def test_best_epoch_tables_are_compared_with_our_best_epoch(tmp_path: Path):
@@ -209,8 +213,12 @@ def test_method_flags_name_the_method_but_keep_the_protocol(tmp_path: Path):
     crd = dict(model_s="resnet20", model_t="resnet56", distill="crd", weights=(1.0, 0.0, 0.8))
     make_run(tmp_path, "crd_default", test_acc=71.0, **crd)
     make_run(tmp_path, "crd_small_k", test_acc=70.0, flags=("--nce_k", "4096"), **crd)
+    make_run(tmp_path, "kd_ls", test_acc=71.5, flags=("--logit_stand",), **KD)
     groups = report.group_runs(report.find_runs([tmp_path]))
     assert [(g.label, g.protocol.label, g.comparable) for g in groups] == [
         ("CRD", "240 ep, full data", True),
         ("CRD (nce_k 4096)", "240 ep, full data", False),  # same table, but not RepDistiller's setting
+        ("KD+LS", "240 ep, full data", True),  # LS-KD reports the best epoch: compared with our best epoch
     ]
+    kd_ls = groups[2]
+    assert kd_ls.published.acc == 71.43 and kd_ls.comparison == (pytest.approx(71.5 - 71.43), "best")

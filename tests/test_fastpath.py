@@ -1,0 +1,220 @@
+"""The fast-path flags (``--channels_last``, ``--amp bf16``, ``--compile``) leave results equivalent.
+
+One distillation step (teacher forward, student forward and backward, every loss term, an SGD step) on small
+real-shaped models, once the plain way and once with the flag, compared term by term and weight by weight.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dataset import Batch, CRDSampler
+from distiller_zoo import get_method
+from distiller_zoo.base import default_args
+from distiller_zoo.KD import DistillKL
+from helper.engine import DistillObjective, Precision, train_one_epoch
+from helper.setup import compile_forward
+from models import create_model, feature_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("CIFAR100_ROOT", Path(os.environ.get("KD_SHARED", ROOT.parent / "shared")) / "data"))
+CPU = torch.device("cpu")
+FP32 = Precision("none", "cpu")
+N_DATA, BATCH, NCE_K = 64, 8, 16  # CRD memory rows, batch size, negatives: small but the real code paths
+
+# (gamma, alpha, beta): the published weights, with the KD term switched on for the feature methods so that
+# one step exercises CE, KL and the method's own term together.
+WEIGHTS = {"kd": (0.1, 0.9, 0.0), "attention": (1.0, 0.9, 1000.0), "crd": (1.0, 0.9, 0.8)}
+
+
+def make_step_inputs(method: str, seed: int = 0) -> tuple[nn.Module, nn.Module, nn.Module, Batch]:
+    """A random resnet8 teacher (frozen) and student, the method's distiller and one batch with CRD indices."""
+    torch.manual_seed(seed)
+    teacher, student = create_model("resnet8"), create_model("resnet8")
+    teacher.eval().requires_grad_(False)
+    cls = get_method(method)
+    s_shapes, t_shapes = feature_shapes(student, preact=cls.preact), feature_shapes(teacher, preact=cls.preact)
+    distiller = cls(s_shapes, t_shapes, default_args(nce_k=NCE_K, batch_size=BATCH), N_DATA)
+    distiller.bind_teacher(teacher)
+    labels = torch.arange(N_DATA) % 4
+    index = torch.randperm(N_DATA)[:BATCH]
+    contrast = CRDSampler(labels, NCE_K, seed=seed).sample(index, labels[index], torch.Generator().manual_seed(seed))
+    batch = Batch(torch.randn(BATCH, 3, 32, 32), labels[index], index, contrast)
+    return student, teacher, distiller, batch
+
+
+def one_step(
+    method: str, student: nn.Module, teacher: nn.Module, distiller: nn.Module, batch: Batch, precision: Precision
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """One training step through the engine; returns its loss terms and the student's updated weights."""
+    gamma, alpha, beta = WEIGHTS[method]
+    objective = DistillObjective(student, teacher, distiller, gamma, alpha, beta, DistillKL(4))
+    params = [p for m in (student, distiller) for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    stats = train_one_epoch(objective, [batch], optimizer, precision, precision.scaler(), CPU, 1, print_freq=0)
+    terms = {k: v for k, v in stats.items() if k.startswith("loss")}
+    return terms, {k: v.detach().clone() for k, v in student.state_dict().items()}
+
+
+def to_channels_last(*modules: nn.Module) -> None:
+    for module in modules:
+        module.to(memory_format=torch.channels_last)
+
+
+# ---------------------------------------------------------------------------------------------- channels-last
+
+
+@pytest.mark.parametrize("method", ["kd", "attention", "crd"])
+def test_channels_last_step_equals_the_plain_step(method):
+    student, teacher, distiller, batch = make_step_inputs(method)
+    copies = copy.deepcopy((student, teacher, distiller))
+    ref_terms, ref_weights = one_step(method, student, teacher, distiller, batch, FP32)
+
+    student, teacher, distiller = copies
+    to_channels_last(student, teacher)
+    batch = batch._replace(input=batch.input.contiguous(memory_format=torch.channels_last))
+    terms, weights = one_step(method, student, teacher, distiller, batch, FP32)
+
+    assert student.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert set(terms) == set(ref_terms) and len(terms) == 2 + (method != "kd") + 1  # loss, ce, kd, method
+    # Same arithmetic in another memory order: only the summation order inside the convolutions differs, so
+    # the results agree to fp32 rounding. Observed: the KL term (a small difference of two near-equal
+    # distributions, about 0.09 here) within 1.2e-5 relative, every other term within 1e-6, the updated
+    # weights within 7e-5 relative; the bounds below leave a margin for other kernels.
+    for name, value in ref_terms.items():
+        assert terms[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    for name, value in ref_weights.items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------- bf16 autocast
+
+
+# bf16 keeps 8 significant bits (relative rounding 2**-9, about 0.2%) in the convolutions and matrix products;
+# autocast keeps the losses' softmax, logs and reductions in fp32. Observed on one step of resnet8 -> resnet8:
+# every term within 7e-4 relative of fp32 (rounding errors of opposite sign largely cancel in the batch means).
+# 1% is a margin of about 15 over that while still catching a term computed on the wrong tensor or scale.
+BF16_REL = 1e-2
+
+
+@pytest.mark.parametrize("method", ["kd", "attention", "crd"])
+def test_bf16_autocast_step_stays_within_tolerance(method):
+    student, teacher, distiller, batch = make_step_inputs(method)
+    copies = copy.deepcopy((student, teacher, distiller))
+    ref_terms, _ = one_step(method, student, teacher, distiller, batch, FP32)
+    student, teacher, distiller = copies
+
+    with torch.no_grad(), Precision("bf16", "cpu").autocast():
+        assert student(batch.input).dtype == torch.bfloat16  # autocast really runs the convolutions in bf16
+    terms, weights = one_step(method, student, teacher, distiller, batch, Precision("bf16", "cpu"))
+
+    assert set(terms) == set(ref_terms)
+    for name, value in ref_terms.items():
+        assert terms[name] == pytest.approx(value, rel=BF16_REL), name
+    floats = [w for w in weights.values() if w.is_floating_point()]  # (not BN's step counters)
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in floats)  # fp32 master weights
+
+
+# ---------------------------------------------------------------------------------------------- torch.compile
+
+
+@pytest.fixture(scope="module")
+def compiler() -> None:
+    """Skip when torch.compile cannot build kernels here (the CPU backend needs a working C++ compiler)."""
+    try:
+        fn = torch.compile(lambda x: torch.sin(x) + 1)
+        torch.testing.assert_close(fn(torch.ones(4)), torch.sin(torch.ones(4)) + 1)
+    except Exception as exc:  # backend errors differ by platform and version
+        pytest.skip(f"torch.compile cannot run here: {type(exc).__name__}: {str(exc)[:200]}")
+
+
+def test_compiled_forward_equals_eager(compiler, caplog):
+    torch.manual_seed(0)
+    student, teacher = create_model("resnet8"), create_model("resnet8")
+    teacher.eval().requires_grad_(False)  # frozen: compiled with inductor's freezing (constant weights)
+    eager_s, eager_t = copy.deepcopy(student), copy.deepcopy(teacher)
+    x = torch.randn(BATCH, 3, 32, 32)
+    with caplog.at_level(logging.WARNING, logger="kd"):
+        compile_forward(student)
+        compile_forward(teacher)
+        with torch.inference_mode():
+            out_t = teacher(x, is_feat=True)
+        out_s = student(x, is_feat=True)
+    assert not [r for r in caplog.records if "torch.compile failed" in r.getMessage()], "fell back to eager"
+
+    with torch.inference_mode():
+        ref_t = eager_t(x, is_feat=True)
+    ref_s = eager_s(x, is_feat=True)
+    # Fused kernels and BN folded into the convolutions round differently from eager: fp32 tolerance.
+    got = [*out_t.feats, out_t.logits, *out_s.feats, out_s.logits]
+    ref = [*ref_t.feats, ref_t.logits, *ref_s.feats, ref_s.logits]
+    assert len(got) == len(ref) == 12
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # The student trains: its compiled graph updates BN statistics as eager does and passes gradients back.
+    for name, buf in eager_s.named_buffers():
+        torch.testing.assert_close(dict(student.named_buffers())[name], buf, rtol=1e-4, atol=1e-6, msg=name)
+    out_s.logits.sum().backward()
+    assert student.fc.weight.grad is not None and torch.isfinite(student.fc.weight.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DATA / "cifar-100-python").is_dir(), reason=f"CIFAR-100 not found at {DATA}")
+def test_cli_run_with_every_fast_path_flag(compiler, tmp_path):
+    teacher = tmp_path / "resnet8_vanilla" / "ckpt_epoch_240.pth"
+    teacher.parent.mkdir()
+    torch.manual_seed(0)
+    torch.save({"model": create_model("resnet8").state_dict()}, teacher)
+    argv = [
+        "--path_t",
+        str(teacher),
+        "--model_s",
+        "resnet8",
+        "--distill",
+        "kd",
+        "--epochs",
+        "1",
+        "--train_size",
+        "100",
+        "--test_size",
+        "100",
+        "--batch_size",
+        "100",
+        "--eval_batch_size",
+        "100",
+        "--data_folder",
+        str(DATA),
+        "--save_dir",
+        str(tmp_path / "save"),
+        "--device",
+        "cpu",
+        "--amp",
+        "bf16",
+        "--channels_last",
+        "--compile",
+    ]  # fmt: skip  (one batch of 100 everywhere: the compiled graphs see one shape)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train_student.py"), *argv], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch.compile failed" not in proc.stderr  # compiled, not the eager fallback
+    (summary_path,) = (tmp_path / "save").rglob("summary.json")
+    summary = json.loads(summary_path.read_text())
+    assert 0.0 <= summary["test_acc"] <= 100.0 and summary["epochs"] == 1
+    args = json.loads((summary_path.parent / "args.json").read_text())["args"]
+    assert (args["amp"], args["channels_last"], args["compile"]) == ("bf16", True, True)
