@@ -111,11 +111,7 @@ class Distributed:
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum over processes of ``tensor`` (a new tensor; on the device, no host synchronisation)."""
-        if not self.enabled:
-            return tensor
-        total = tensor.detach().clone()
-        tdist.all_reduce(total)
-        return total
+        return all_reduce_sum(tensor) if self.enabled else tensor
 
     def agreed(self, flag: Callable[[], bool]) -> Callable[[], bool]:
         """``flag`` asked of every process and true if true for any: a signal that reaches the processes at

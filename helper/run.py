@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import random
@@ -188,11 +189,20 @@ def prepare_folder(folder: Path, args: argparse.Namespace) -> Path | None:
             )
         return None
     if args.resume == "auto":
-        if (folder / "summary.json").exists():
+        summary = folder / "summary.json"
+        if summary.exists() and _finished_epochs(summary) >= args.epochs:
             raise RunFinished(f"{folder} already finished (summary.json exists); nothing to do")
         latest = folder / "latest.pth"
         return latest if latest.exists() else None
     return Path(args.resume)
+
+
+def _finished_epochs(summary: Path) -> int:
+    """The schedule length a finished run trained for (a longer --epochs continues it)."""
+    try:
+        return int(json.loads(summary.read_text()).get("epochs", 0))
+    except (OSError, ValueError, TypeError):
+        return 0
 
 
 def _alive(pid: int) -> bool:

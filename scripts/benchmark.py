@@ -153,9 +153,6 @@ def build_run(opts: argparse.Namespace, method: str, setting: Setting, save_dir:
     ]  # fmt: skip
     if opts.data_folder:
         argv += ["--data_folder", str(opts.data_folder)]
-    # A fresh compile cache per run: the models of earlier runs share ResNet.forward's code object, and
-    # dynamo's per-code recompile limit would otherwise send later runs to eager silently.
-    torch._dynamo.reset()
     run = train_student.build(student_parser().parse_args(argv))
     main = run.stages[-1]
     main.on_epoch(1)  # the main stage's modes (AB/FT/FSP enter it here) and epoch-1 schedules
@@ -328,6 +325,9 @@ def measure_method(
 ) -> dict[str, float]:
     """Best images/s over ``opts.rounds`` rounds for the baseline and each setting, alternating."""
     loops: dict[str, OursLoop | BaselineLoop] = {}
+    # A fresh compile cache per method: the models of earlier methods share ResNet.forward's code object, and
+    # dynamo's per-code recompile limit would otherwise send later methods to eager silently.
+    torch._dynamo.reset()
     with tempfile.TemporaryDirectory(prefix="kdbench-") as save_dir:
         if not opts.ours_only:
             base_run = build_run(opts, method, Setting(), Path(save_dir), f"{method}-baseline")
