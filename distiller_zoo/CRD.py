@@ -247,7 +247,9 @@ class CRDDistiller(Distiller):
             nce_t=args.nce_t,
             nce_m=args.nce_m,
         )
-        self.crd.contrast.max_shard_rows = shard_rows(args.batch_size)  # None in a single process
+        # None in a single process (and when built outside the command line, without a batch size).
+        batch_size = getattr(args, "batch_size", None)
+        self.crd.contrast.max_shard_rows = shard_rows(batch_size) if batch_size else None
 
     def forward(self, out_s: Any, out_t: Any, batch: Any) -> torch.Tensor:
         return self.crd(out_s.feats[-1], out_t.feats[-1], batch.index, batch.contrast_idx)

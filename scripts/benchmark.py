@@ -21,7 +21,8 @@ alternating between them round after round and keeping each one's best round:
   setting (``--amp``, ``--channels_last``, ``--compile``), driven by ``helper.engine.train_one_epoch`` over the
   device-held data (``dataset.DeviceLoader``).
 
-The teacher is ``--path_t`` or, without it, a randomly initialised one (speed does not depend on the weights).
+The teacher is ``--path_t``, else ``$KD_TEACHERS/<arch>_vanilla/ckpt_epoch_240.pth`` when it exists, else a randomly
+initialised one with calibrated BN statistics (speed does not depend on the weights).
 The data is the real CIFAR-100 training set (``--data_folder``, else ``$CIFAR100_ROOT``). Warm-up steps
 (``--warmup``) run before each timed round; compilation happens in the first, untimed, warm-up.
 """
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -46,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +58,7 @@ if str(ROOT) not in sys.path:
 from dataset import CIFAR100_MEAN, CIFAR100_STD, Batch, load_cifar100, resolve_data_folder  # noqa: E402
 from distiller_zoo import method_names  # noqa: E402
 from distiller_zoo.CRD import ContrastMemory  # noqa: E402
-from helper.engine import DistillObjective, train_one_epoch  # noqa: E402
+from helper.engine import DistillObjective, NonFiniteLoss, train_one_epoch  # noqa: E402
 from helper.options import student_parser  # noqa: E402
 from helper.run import Run  # noqa: E402
 
@@ -132,13 +135,36 @@ def default_settings(device: torch.device, quick: bool) -> list[Setting]:
 
 
 def make_teacher_checkpoint(arch: str, folder: Path) -> Path:
-    """A randomly initialised teacher in RepDistiller's checkpoint format (speed does not depend on weights)."""
+    """A randomly initialised teacher in RepDistiller's checkpoint format (speed does not depend on weights).
+
+    Its BN statistics are measured on a few batches of unit-normal inputs (the scale of normalised images):
+    with the initial statistics (mean 0, variance 1) the features of a random resnet56 grow to about 1e4 and
+    some losses overflow, which a trained teacher never does.
+    """
     from models import create_model
 
+    model = create_model(arch, num_classes=100)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    gen = torch.Generator().manual_seed(0)
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over the calibration batches
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(128, 3, 32, 32, generator=gen))
+    for bn in norms:
+        bn.momentum = 0.1
     path = folder / f"{arch}_vanilla" / "ckpt_epoch_240.pth"
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": create_model(arch, num_classes=100).state_dict()}, path)
+    torch.save({"model": model.state_dict()}, path)
     return path
+
+
+def default_teacher(arch: str) -> Path | None:
+    """``$KD_TEACHERS/<arch>_vanilla/ckpt_epoch_240.pth`` when it exists (the Makefile's teacher folder)."""
+    root = os.environ.get("KD_TEACHERS")
+    path = Path(root) / f"{arch}_vanilla" / "ckpt_epoch_240.pth" if root else None
+    return path if path is not None and path.is_file() else None
 
 
 def build_run(opts: argparse.Namespace, method: str, setting: Setting, save_dir: Path, name: str) -> Run:
@@ -345,7 +371,12 @@ def measure_method(
         best = dict.fromkeys(loops, 0.0)
         for r in range(opts.rounds):
             for name, loop in loops.items():
-                ips = images_per_second(loop, opts.steps, opts.warmup, opts.device, barrier)
+                try:
+                    ips = images_per_second(loop, opts.steps, opts.warmup, opts.device, barrier)
+                except NonFiniteLoss as exc:  # reported as n/a; the other configurations go on
+                    log.warning("%s %s: %s (a trained teacher, --path_t, avoids this)", method, name, exc)
+                    best[name] = math.nan
+                    continue
                 best[name] = max(best[name], ips)
                 log.info("%s round %d/%d %s: %.1f images/s", method, r + 1, opts.rounds, name, ips)
         return best
@@ -369,6 +400,10 @@ def machine(opts: argparse.Namespace) -> dict[str, Any]:
     return info
 
 
+def _fmt(value: float) -> str:
+    return f"{value:,.1f}" if math.isfinite(value) else "n/a"
+
+
 def table(results: dict[str, dict[str, float]], settings: list[Setting], parallel: int) -> str:
     names = [s.label for s in settings]
     agg = f" (sum of {parallel} processes)" if parallel > 1 else ""
@@ -377,12 +412,12 @@ def table(results: dict[str, dict[str, float]], settings: list[Setting], paralle
         "|---|---:|" + "---:|" * len(names) + "---:|",
     ]
     for method, ips in results.items():
-        base = ips.get(BASELINE)
-        best_name = max(names, key=lambda n: ips[n])
-        speedup = f"{ips[best_name] / base:.2f}x ({best_name})" if base else "-"
-        cells = [f"{ips[n]:,.1f}" for n in names]
-        lines.append(f"| {method} | {base:,.1f} | " if base else f"| {method} | - | ")
-        lines[-1] += " | ".join(cells) + f" | {speedup} |"
+        base = ips.get(BASELINE, math.nan)
+        measured = [n for n in names if math.isfinite(ips[n])]
+        best = max(measured, key=lambda n: ips[n]) if measured else None
+        speedup = f"{ips[best] / base:.2f}x ({best})" if best and math.isfinite(base) else "n/a"
+        cells = [_fmt(ips.get(BASELINE, math.nan))] + [_fmt(ips[n]) for n in names]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {speedup} |")
     return "\n".join(lines)
 
 
@@ -394,7 +429,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--pair", default="resnet56,resnet20", help="teacher,student architectures")
-    p.add_argument("--path_t", default=None, help="teacher checkpoint (default: a random teacher)")
+    p.add_argument(
+        "--path_t", default=None, help="teacher checkpoint (default: $KD_TEACHERS/<arch>_vanilla/, else a random one)"
+    )
     p.add_argument("--data_folder", default=None, help="CIFAR-100 root (default: $CIFAR100_ROOT, else ./data)")
     p.add_argument("--methods", default=None, help="comma-separated methods (default: all; --quick: kd,crd)")
     p.add_argument("--settings", default=None, help="comma-separated fast-path settings, e.g. fp32,bf16+cl+compile")
@@ -483,8 +520,10 @@ def main(argv: list[str] | None = None) -> None:
         results = run_parallel(opts, strip_parallel(argv))
     else:
         with tempfile.TemporaryDirectory(prefix="kdbench-teacher-") as tmp:
-            if opts.path_t is None:
-                opts.path_t = make_teacher_checkpoint(opts.teacher, Path(tmp))
+            opts.path_t = (
+                opts.path_t or default_teacher(opts.teacher) or make_teacher_checkpoint(opts.teacher, Path(tmp))
+            )
+            log.info("teacher: %s", opts.path_t)
             barrier = FileBarrier(Path(opts.barrier), opts.parallel, opts.rank) if child else None
             results = {m: measure_method(opts, m, settings, barrier) for m in opts.methods}
     info["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
