@@ -12,3 +12,4 @@ class Batch(NamedTuple):
     target: torch.Tensor  # (B,) int64 class labels
     index: torch.Tensor  # (B,) int64 positions in the training set (CRD memory rows)
     contrast_idx: torch.Tensor | None = None  # (B, K+1) int64; column 0 the positive (CRD only)
+    input_strong: torch.Tensor | None = None  # (B, 3, 32, 32) float: a second, strongly augmented view (--two_views)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .batch import Batch
 from .crd import CRDSampler
+from .randaugment import StrongDraws, apply_strong, draw_strong
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 PAD = 4  # RandomCrop(32, padding=4), RepDistiller dataset/cifar100.py
-_AUGMENT_STREAM, _CRD_STREAM = 0, 1  # independent seed streams derived from (seed, epoch)
+_AUGMENT_STREAM, _CRD_STREAM, _STRONG_STREAM = 0, 1, 2  # independent seed streams derived from (seed, epoch)
 
 
 class EpochPlan(NamedTuple):
@@ -80,7 +81,17 @@ def augment(
     """Random crop (zero padding ``pad``), horizontal flip and normalisation of a uint8 batch (B, C, H, W).
 
     Image b is cropped at top ``dy[b]`` and left ``dx[b]`` (both in 0..2*pad) of the padded image, mirrored if
-    ``flip[b]``, then normalised; returns float32 (B, C, H, W). One gather does crop and flip together.
+    ``flip[b]``, then normalised; returns float32 (B, C, H, W).
+    """
+    return normalize(crop_flip(images_uint8, dx, dy, flip, pad), mean, std, memory_format)
+
+
+def crop_flip(
+    images_uint8: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Tensor, pad: int = PAD
+) -> torch.Tensor:
+    """The crop and flip of :func:`augment` without the normalisation: uint8 (B, C, H, W) in and out.
+
+    One gather does crop and flip together.
     """
     b, c, h, w = images_uint8.shape
     padded = F.pad(images_uint8, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p), zeros like RandomCrop's fill=0
@@ -91,8 +102,7 @@ def augment(
     # Flipping after cropping reads the crop's columns right to left.
     cols = dx[:, None] + torch.where(flip[:, None], ar_w.flip(0), ar_w)  # (B, W)
     flat = (rows[:, :, None] * width + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)  # (B, C, H*W)
-    cropped = padded.view(b, c, -1).gather(2, flat).view(b, c, h, w)  # (B, C, H, W) uint8
-    return normalize(cropped, mean, std, memory_format)
+    return padded.view(b, c, -1).gather(2, flat).view(b, c, h, w)  # (B, C, H, W) uint8
 
 
 class DeviceLoader:
@@ -102,6 +112,8 @@ class DeviceLoader:
     their positions in the full training set (``Batch.index``, CRD's memory rows), by default 0..N-1.
     ``train=True``: reshuffled and augmented every epoch, CRD's ``contrast_idx`` attached when ``crd`` is given.
     ``train=False``: the images in order, normalised only. The last partial batch is kept unless ``drop_last``.
+    ``strong_view=True`` (training only) adds ``Batch.input_strong``: a second view of each image with its own
+    crop and flip, then RandAugment(2) and Cutout (MLKD's strong view, :mod:`dataset.randaugment`).
     """
 
     def __init__(
@@ -118,6 +130,7 @@ class DeviceLoader:
         mean: Sequence[float] = CIFAR100_MEAN,
         std: Sequence[float] = CIFAR100_STD,
         memory_format: torch.memory_format | None = None,
+        strong_view: bool = False,
     ) -> None:
         images = torch.as_tensor(images_uint8)
         labels = torch.as_tensor(labels, dtype=torch.int64)
@@ -132,6 +145,9 @@ class DeviceLoader:
             raise ValueError(f"seed must be non-negative, got {seed}")
         if crd is not None and not train:
             raise ValueError("CRD sampling belongs to the training loader (train=True)")
+        if strong_view and not train:
+            raise ValueError("the strong view belongs to the training loader (train=True)")
+        self.strong_view = strong_view
         self.device = torch.device(device)
         self.batch_size, self.train, self.seed, self.drop_last = batch_size, train, seed, drop_last
         self.crd, self.memory_format = crd, memory_format
@@ -183,6 +199,19 @@ class DeviceLoader:
         flip = torch.randint(0, 2, (n,), generator=gen).bool()  # p = 0.5, RandomHorizontalFlip's default
         return EpochPlan(perm, dx, dy, flip)
 
+    def strong_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, StrongDraws]:
+        """The strong view's draws of ``epoch`` (crop, flip, RandAugment, Cutout), position i as in :meth:`plan`.
+
+        A stream of their own, so the weak view's draws are those of a one-view run with the same seed.
+        """
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, _STRONG_STREAM))
+        n, span = self.num_images, 2 * PAD + 1
+        dx = torch.randint(0, span, (n,), generator=gen)
+        dy = torch.randint(0, span, (n,), generator=gen)
+        flip = torch.randint(0, 2, (n,), generator=gen).bool()
+        h, w = self.images.shape[-2:]
+        return dx, dy, flip, draw_strong(n, gen, height=h, width=w)
+
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """The batches of ``epoch``, from batch ``start_batch`` on (resuming mid-epoch gives the same batches).
 
@@ -209,14 +238,22 @@ class DeviceLoader:
             crd_seeds = np.random.SeedSequence([self.seed, epoch, _CRD_STREAM]).generate_state(
                 max(len(self), 1), dtype=np.uint64
             )
+        strong = None
+        if self.strong_view:
+            sdx, sdy, sflip, sdraws = self.strong_plan(epoch)
+            strong = (sdx.to(self.device), sdy.to(self.device), sflip.to(self.device), sdraws)
         for i in range(start_batch, len(self)):
             s = slice(i * self.batch_size, (i + 1) * self.batch_size)
             sel = perm[s]  # (B,) positions in this loader's set
-            x = augment(self.images.index_select(0, sel), dx[s], dy[s], flip[s], self._mean, self._std,
-                        self.memory_format)  # fmt: skip
+            images = self.images.index_select(0, sel)  # (B, C, H, W) uint8
+            x = augment(images, dx[s], dy[s], flip[s], self._mean, self._std, self.memory_format)
             target, index = self.labels[sel], self.indices[sel]
-            contrast = None
+            contrast = x_strong = None
             if self.crd is not None:
                 crd_gen.manual_seed(int(crd_seeds[i]))  # per batch: any batch can be redrawn on its own
                 contrast = self.crd.sample(index, target, crd_gen)
-            yield Batch(x, target, index, contrast)
+            if strong is not None:
+                sdx, sdy, sflip, sdraws = strong
+                view = apply_strong(crop_flip(images, sdx[s], sdy[s], sflip[s]), StrongDraws(*(t[s] for t in sdraws)))
+                x_strong = normalize(view, self._mean, self._std, self.memory_format)
+            yield Batch(x, target, index, contrast, x_strong)

@@ -69,6 +69,7 @@ class Distiller(nn.Module):
     needs_contrast: ClassVar[bool] = False
     has_loss: ClassVar[bool] = True
     init_stage: ClassVar[bool] = False
+    two_views: ClassVar[bool] = False  # defines forward_views: a loss over a weak and a strong view (--two_views)
 
     def __init__(self, s_shapes: Shapes, t_shapes: Shapes, args: Any, n_data: int) -> None:
         super().__init__()
@@ -83,6 +84,11 @@ class Distiller(nn.Module):
 
     def forward(self, out_s: Any, out_t: Any, batch: Any) -> torch.Tensor:
         raise NotImplementedError
+
+    def forward_views(self, outs_s: tuple[Any, Any], outs_t: tuple[Any, Any], batch: Any) -> torch.Tensor:
+        """The method's term when every image comes as two views (``--two_views``): ``outs_s`` and ``outs_t``
+        are the (weak, strong) outputs of the student and teacher. Only methods with ``two_views`` define it."""
+        raise NotImplementedError(f"{self.name} has no two-view loss")
 
     def trainable_modules(self) -> list[nn.Module]:
         return [m for m in self.children() if any(p.requires_grad for p in m.parameters())]

@@ -43,7 +43,7 @@ def build_data(args: argparse.Namespace, device: torch.device, seed: int, contra
         crd = CRDSampler(labels, args.nce_k, mode=args.mode, seed=seed, device=device)
     train = DeviceLoader(
         images, labels, args.batch_size, device, train=True, seed=seed, drop_last=args.drop_last, crd=crd,
-        memory_format=memory_format,
+        memory_format=memory_format, strong_view=bool(getattr(args, "two_views", False)),
     )  # fmt: skip
     test_images, test_labels = data.test_images, data.test_labels
     if args.test_size:

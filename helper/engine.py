@@ -130,9 +130,30 @@ class DistillObjective(Objective):
         out_s = self.student(batch.input, is_feat=True, preact=self.distiller.student_preact)
         out_t = teacher_forward(self.teacher, batch.input, self.distiller.preact)
         terms: Terms = {}
-        _term(terms, "ce", self.gamma, lambda: F.cross_entropy(out_s.logits, batch.target))
-        _term(terms, "kd", self.alpha, lambda: self.kd(out_s.logits, out_t.logits))
-        _term(terms, self.distiller.name, self.beta, lambda: self.distiller(out_s, out_t, batch))
+        if batch.input_strong is None:
+            _term(terms, "ce", self.gamma, lambda: F.cross_entropy(out_s.logits, batch.target))
+            _term(terms, "kd", self.alpha, lambda: self.kd(out_s.logits, out_t.logits))
+            _term(terms, self.distiller.name, self.beta, lambda: self.distiller(out_s, out_t, batch))
+            return terms, out_s.logits
+        # Two views (MLKD's protocol, KD_ours.forward_train): each network sees each view in a forward of its
+        # own (BatchNorm statistics per view); CE and KD are summed over the views, the method's term is its
+        # two-view loss; accuracy is scored on the weak view.
+        out_s2 = self.student(batch.input_strong, is_feat=True, preact=self.distiller.student_preact)
+        out_t2 = teacher_forward(self.teacher, batch.input_strong, self.distiller.preact)
+        target = batch.target
+        _term(
+            terms,
+            "ce",
+            self.gamma,
+            lambda: F.cross_entropy(out_s.logits, target) + F.cross_entropy(out_s2.logits, target),
+        )
+        _term(
+            terms, "kd", self.alpha, lambda: self.kd(out_s.logits, out_t.logits) + self.kd(out_s2.logits, out_t2.logits)
+        )
+        _term(
+            terms, self.distiller.name, self.beta,
+            lambda: self.distiller.forward_views((out_s, out_s2), (out_t, out_t2), batch),
+        )  # fmt: skip
         return terms, out_s.logits
 
 

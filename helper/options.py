@@ -90,6 +90,12 @@ def student_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-b", "--beta", type=float, default=None, help="weight of the method's term (default: its published)"
     )
+    parser.add_argument(
+        "--two_views",
+        action="store_true",
+        help="MLKD's protocol: every image as a weak (crop, flip) and a strong (+ RandAugment, Cutout) view; "
+        "methods with a two-view loss only (mlkd)",
+    )
     add_method_arguments(parser)
     return parser
 
@@ -166,6 +172,8 @@ def _protocol_suffix(args: argparse.Namespace) -> str:
         parts.append("ls")
     if getattr(args, "ctkd", False):
         parts.append("ctkd")
+    if getattr(args, "two_views", False):
+        parts.append("2v")
     return "".join(f"_{p}" for p in parts)
 
 
@@ -244,6 +252,9 @@ def validate_student_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--distill {args.distill!r}: unknown method; valid: {', '.join(method_names())}")
     if args.path_t is None:
         raise UsageError("--path_t is required: the teacher checkpoint to distil from")
+    if args.two_views and not get_method(args.distill).two_views:
+        two = ", ".join(n for n in method_names() if get_method(n).two_views)
+        raise UsageError(f"--two_views: {args.distill} has no two-view loss; methods with one: {two}")
     _non_negative(args, "gamma", "alpha", "beta", "init_epochs")
     _positive(args, "kd_T", "nce_k", "nce_t", "feat_dim")
     if not 0 <= args.nce_m < 1:

@@ -131,7 +131,10 @@ def method_flags_of(kind: str, args: dict[str, Any]) -> Flags:
         return ()
     teacher = _parser_defaults("teacher")
     defaults = _parser_defaults("student")
-    keys = (k for k in defaults if k not in teacher and k not in NEUTRAL_FLAGS and k not in MODIFIERS)
+    keys = (
+        k for k in defaults
+        if k not in teacher and k not in NEUTRAL_FLAGS and k not in MODIFIERS and k not in PROTOCOL_STUDENT_FLAGS
+    )  # fmt: skip
     return _non_default(args, defaults, keys)
 
 
@@ -143,6 +146,8 @@ def protocol_of(kind: str, args: dict[str, Any], summary: dict[str, Any], arch: 
     lr = summary.get("lr")
     if lr is not None and not math.isclose(lr, _default_lr(arch)):
         flags.append(("lr", _fmt_value(float(lr))))
+    if args.get("two_views"):  # a data protocol of train_student.py's own (MLKD's weak + strong views)
+        flags.append(("views", "weak+strong"))
     train_size = args.get("train_size")
     if train_size is not None and train_size >= FULL_TRAIN_SIZE - (args.get("val_size") or 0):
         train_size = None  # asking for every image is the full set
@@ -153,6 +158,9 @@ def protocol_of(kind: str, args: dict[str, Any], summary: dict[str, Any], arch: 
         flags=tuple(sorted(flags)),
     )
 
+
+# train_student.py flags that change the training protocol rather than the method: shown with the protocol.
+PROTOCOL_STUDENT_FLAGS = frozenset({"two_views"})
 
 # Logit modifiers that combine with a method and give it a name of its own in the published tables
 # (the LS-KD README: KD+LS, DKD+LS, MLKD+LS, KD+CTKD): flag -> suffix.

@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     # Rounds alternate between the pipelines and the best of each is kept, so that a burst of load from
     # other processes does not land on one pipeline only.
     ips = {name: 0.0 for name in streams}
-    sample_s = {"ours": float("inf"), "ref": float("inf")}
+    sample_s = {"ours": float("inf"), "ref": float("inf"), "floor": float("inf")}
+    bk = (len(anchor), args.nce_k)
     for r in range(args.repeats):
         log.info("round %d of %d", r + 1, args.repeats)
         ips["ours"] = max(ips["ours"], images_per_second(streams["ours"], args.batches, device))
@@ -139,9 +140,14 @@ def main(argv: list[str] | None = None) -> None:
         ips["pil"] = max(ips["pil"], images_per_second(streams["pil"], args.batches, cpu))
         ours_s = seconds_per_call(lambda: crd.sample(index, target, gen), 10, device)
         ref_s = seconds_per_call(lambda: repdistiller_crd_batch(*ref_args), 3, cpu)
-        sample_s = {"ours": min(sample_s["ours"], ours_s), "ref": min(sample_s["ref"], ref_s)}
+        # The floor of any exact sampler: drawing B x K int64 indices at all (with replacement, no de-duplication).
+        floor_s = seconds_per_call(lambda: torch.randint(50_000, bk, generator=gen, device=device), 10, device)
+        sample_s = {
+            "ours": min(sample_s["ours"], ours_s), "ref": min(sample_s["ref"], ref_s),
+            "floor": min(sample_s["floor"], floor_s),
+        }  # fmt: skip
     ours_ips, crd_ips, pil_ips = ips["ours"], ips["crd"], ips["pil"]
-    ours_s, ref_s = sample_s["ours"], sample_s["ref"]
+    ours_s, ref_s, floor_s = sample_s["ours"], sample_s["ref"], sample_s["floor"]
 
     where = f"{device.type}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     print(f"\nTraining data, batch {b}, images per second, best of {args.repeats} rounds ({where}):\n")
@@ -155,6 +161,10 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---:|---:|")
     print(f"| CRDSampler ({device.type}, whole batch at once) | {ours_s * 1e3:.2f} | {ref_s / ours_s:.1f}x |")
     print(f"| numpy.random.choice per sample + collate (RepDistiller) | {ref_s * 1e3:.2f} | 1.0x |")
+    print(
+        f"| lower bound: torch.randint of {bk[0]} x {bk[1]} int64 alone ({device.type}) | {floor_s * 1e3:.2f} "
+        f"| {ref_s / floor_s:.1f}x |"
+    )
 
 
 if __name__ == "__main__":

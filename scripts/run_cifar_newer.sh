@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The newer methods' CIFAR-100 tables: OFD, ReviewKD, DKD, DIST, KD+CTKD, KD+LS, DKD+LS, MLKD, MLKD+LS, SimKD,
-# WTTM on RepDistiller's 13 teacher/student pairs, each with its published recipe. The flags and the source of
-# every value are in helper/published/newer_recipes.md.
+# The newer methods' CIFAR-100 tables: OFD, ReviewKD, DKD, DIST, KD+CTKD, KD+LS, DKD+LS, MLKD, MLKD+LS (both with
+# MLKD's two views), MLKD-std (its loss, one view), SimKD, WTTM on RepDistiller's 13 teacher/student pairs, each
+# with its published recipe. The flags and the source of every value are in helper/published/newer_recipes.md.
 #
 #   scripts/run_cifar_newer.sh                  every method on every pair
 #   scripts/run_cifar_newer.sh dkd kd+ls        only these methods
@@ -24,7 +24,7 @@ EPOCHS=${EPOCHS:-240}
 DRY_RUN=${DRY_RUN:-0}
 PYTHON=${PYTHON:-python}
 
-METHODS=(ofd reviewkd dkd dist kd+ctkd kd+ls dkd+ls mlkd mlkd+ls simkd wttm)
+METHODS=(ofd reviewkd dkd dist kd+ctkd kd+ls dkd+ls mlkd mlkd+ls mlkd-std simkd wttm)
 # RepDistiller's tables 1 (same family) and 2 (across families), teacher then student.
 SAME_FAMILY=("wrn_40_2 wrn_16_2" "wrn_40_2 wrn_40_1" "resnet56 resnet20" "resnet110 resnet20"
              "resnet110 resnet32" "resnet32x4 resnet8x4" "vgg13 vgg8")
@@ -59,8 +59,18 @@ ls_kd() {
   esac
 }
 
-# MLKD's learning rate: 0.025 in its 240-epoch configs (same family only; configs/cifar100/ours/*.yaml).
-mlkd_lr() {
+# MLKD's schedule, configs/cifar100/ours/*.yaml: "epochs lr" (240 and 0.025 where no config exists:
+# resnet110->resnet20, ResNet50->vgg8). The 480-epoch configs keep the LR decay at 150/180/210.
+mlkd_schedule() {
+  case "$1>$2" in
+    "resnet32x4>ShuffleV1" | "resnet32x4>ShuffleV2") echo "480 0.01" ;;
+    "ResNet50>MobileNetV2" | "vgg13>MobileNetV2" | "wrn_40_2>ShuffleV1") echo "480 0.0025" ;;
+    *) echo "240 0.025" ;;
+  esac
+}
+
+# The one-view MLKD loss under the standard protocol: MLKD's lr for the same-family pairs, RepDistiller's else.
+mlkd_std_lr() {
   local pair
   for pair in "${SAME_FAMILY[@]}"; do
     if [[ "$pair" == "$1 $2" ]]; then
@@ -70,8 +80,39 @@ mlkd_lr() {
   done
 }
 
+# Epochs of one run: EPOCHS, doubled for MLKD's 480-epoch configs.
+run_epochs() {
+  local e lr
+  case "$1" in
+    mlkd | mlkd+ls)
+      read -r e lr <<<"$(mlkd_schedule "$2" "$3")"
+      echo $((EPOCHS * e / 240))
+      ;;
+    *) echo "$EPOCHS" ;;
+  esac
+}
+
+# WTTM's power gamma (--ttm_l) and loss weight beta (-b): the WTTM paper's appendix A.4, Table 8 (arXiv 2402.11148v2).
+wttm_values() {
+  case "$1>$2" in
+    "wrn_40_2>wrn_16_2") echo "0.1 4" ;;
+    "wrn_40_2>wrn_40_1" | "resnet32x4>resnet8x4") echo "0.1 3" ;;
+    "resnet56>resnet20") echo "0.3 1.5" ;;
+    "resnet110>resnet20") echo "0.2 2" ;;
+    "resnet110>resnet32") echo "0.1 1.5" ;;
+    "vgg13>vgg8") echo "0.1 2.25" ;;
+    "vgg13>MobileNetV2") echo "0.2 3" ;;
+    "ResNet50>MobileNetV2") echo "0.2 5" ;;
+    "ResNet50>vgg8") echo "0.1 2" ;;
+    "resnet32x4>ShuffleV1") echo "0.2 1.4" ;;
+    "resnet32x4>ShuffleV2") echo "0.4 16" ;;
+    "wrn_40_2>ShuffleV1") echo "0.3 3" ;;
+    *) echo "0.2 4" ;; # no published value: the TTM README's WTTM+CRD setting
+  esac
+}
+
 recipe() { # method teacher student -> train_student.py flags
-  local method=$1 teacher=$2 student=$3 T W
+  local method=$1 teacher=$2 student=$3 T W G E L
   case "$method" in
     ofd) echo "--distill ofd -r 1 -a 0 -b 0.001" ;;
     reviewkd) echo "--distill reviewkd -r 1 -a 0 -b $(reviewkd_weight "$teacher" "$student")" ;;
@@ -83,10 +124,20 @@ recipe() { # method teacher student -> train_student.py flags
       echo "--distill kd --logit_stand --base_temp $T -r 0.1 -a $W -b 0"
       ;;
     dkd+ls) echo "--distill dkd --logit_stand --base_temp 2 -r 1 -a 0 -b 9 --dkd_beta $(dkd_beta "$teacher" "$student")" ;;
-    mlkd) echo "--distill mlkd -r 0.2 -a 0 -b 0.9$(mlkd_lr "$teacher" "$student")" ;;
-    mlkd+ls) echo "--distill mlkd --logit_stand --base_temp 2 -r 0.2 -a 0 -b 9$(mlkd_lr "$teacher" "$student")" ;;
+    mlkd)
+      read -r E L <<<"$(mlkd_schedule "$teacher" "$student")"
+      echo "--distill mlkd --two_views -r 0.1 -a 0 -b 0.9 --learning_rate $L"
+      ;;
+    mlkd+ls)
+      read -r E L <<<"$(mlkd_schedule "$teacher" "$student")"
+      echo "--distill mlkd --two_views --logit_stand --base_temp 2 -r 0.1 -a 0 -b 9 --learning_rate $L"
+      ;;
+    mlkd-std) echo "--distill mlkd -r 0.2 -a 0 -b 0.9$(mlkd_std_lr "$teacher" "$student")" ;;
     simkd) echo "--distill simkd -r 0 -a 0 -b 1" ;;
-    wttm) echo "--distill wttm -r 1 -a 0 -b 4 --ttm_l 0.2" ;;
+    wttm)
+      read -r G W <<<"$(wttm_values "$teacher" "$student")"
+      echo "--distill wttm -r 1 -a 0 -b $W --ttm_l $G"
+      ;;
     *)
       echo "unknown method '$method'; one of: ${METHODS[*]}" >&2
       return 1
@@ -122,7 +173,8 @@ for method in "${selected[@]}"; do
     flags=$(recipe "$method" "$teacher" "$student")
     for ((trial = 1; trial <= TRIALS; trial++)); do
       commands+=("$PYTHON train_student.py --path_t ./save/models/${teacher}_vanilla/ckpt_epoch_240.pth"`
-        `" --model_s $student $flags --trial $(trial_id "$method" "$trial") --epochs $EPOCHS$schedule --resume auto")
+        `" --model_s $student $flags --trial $(trial_id "$method" "$trial")"`
+        `" --epochs $(run_epochs "$method" "$teacher" "$student")$schedule --resume auto")
     done
   done
 done

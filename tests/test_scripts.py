@@ -267,3 +267,47 @@ def test_from_shared_teachers_lays_out_the_files(tmp_path: Path):
         )
     _, arch, ckpt = load_teacher(str(tmp_path / "models" / "resnet56_vanilla" / "ckpt_epoch_240.pth"), None, 100)
     assert arch == "resnet56" and ckpt["accuracy"] == pytest.approx(72.61)
+
+
+def _newer(*methods: str, **env: str) -> dict[tuple[str, str], list[str]]:
+    """DRY_RUN of run_cifar_newer.sh: (teacher, student) -> command, for one method."""
+    cmds = commands(run_script("run_cifar_newer.sh", *methods, DRY_RUN="1", **env))
+    out = {}
+    for c in cmds:
+        pair = (Path(flag(c, "--path_t")).parent.name.removesuffix("_vanilla"), flag(c, "--model_s"))
+        assert pair not in out
+        out[pair] = c
+    assert set(out) == set(published.PAIRS)
+    return out
+
+
+def test_newer_wttm_uses_the_papers_per_pair_values():
+    cmds = _newer("wttm")
+    expected = {("resnet56", "resnet20"): ("0.3", "1.5"), ("resnet32x4", "resnet8x4"): ("0.1", "3"),
+                ("resnet32x4", "ShuffleV2"): ("0.4", "16"), ("vgg13", "vgg8"): ("0.1", "2.25")}  # fmt: skip
+    for pair, (power, beta) in expected.items():
+        assert (flag(cmds[pair], "--ttm_l"), flag(cmds[pair], "-b")) == (power, beta), pair
+    assert all(flag(c, "-r") == "1" and flag(c, "-a") == "0" for c in cmds.values())
+
+
+def test_newer_mlkd_runs_its_own_protocol_and_the_standard_one():
+    two = _newer("mlkd")
+    for pair, cmd in two.items():
+        assert "--two_views" in cmd and flag(cmd, "-r") == "0.1" and flag(cmd, "-b") == "0.9", pair
+    assert (
+        flag(two[("resnet32x4", "ShuffleV1")], "--epochs"),
+        flag(two[("resnet32x4", "ShuffleV1")], "--learning_rate"),
+    ) == ("480", "0.01")
+    assert (
+        flag(two[("vgg13", "MobileNetV2")], "--epochs"),
+        flag(two[("vgg13", "MobileNetV2")], "--learning_rate"),
+    ) == ("480", "0.0025")
+    assert (
+        flag(two[("resnet56", "resnet20")], "--epochs"),
+        flag(two[("resnet56", "resnet20")], "--learning_rate"),
+    ) == ("240", "0.025")
+    one = _newer("mlkd-std")
+    assert all("--two_views" not in c and flag(c, "-r") == "0.2" and flag(c, "--epochs") == "240" for c in one.values())
+    short = _newer("mlkd", EPOCHS="24")
+    assert flag(short[("resnet32x4", "ShuffleV2")], "--epochs") == "48"
+    assert flag(short[("resnet32x4", "ShuffleV2")], "--lr_decay_epochs") == "15,18,21"
