@@ -24,6 +24,7 @@ from helper import checkpoint as ckpt_io  # noqa: E402
 from helper import distributed  # noqa: E402
 from helper.data import build_data  # noqa: E402
 from helper.engine import DistillObjective, InitObjective, Precision, evaluate  # noqa: E402
+from helper.fold import fold_batchnorm  # noqa: E402
 from helper.options import (
     effective_lr,
     loss_weights,
@@ -68,9 +69,12 @@ def build(args: argparse.Namespace) -> Run:
     distiller = dist.batchnorm(method(s_shapes, t_shapes, args, data.n_data), args.sync_bn, device)
 
     precision = Precision(args.amp, device.type)
+    distiller.bind_teacher(teacher)  # before folding: OFD reads the teacher's BNs
+    if args.fold_teacher_bn:
+        teacher, folded = fold_batchnorm(teacher.eval(), preact=method.preact)
+        log.info("teacher: %d BatchNorms folded into their convolutions", folded)
     teacher = prepare_model(teacher, device, args)
     student = prepare_model(dist.batchnorm(student, args.sync_bn, device), device, args)
-    distiller.bind_teacher(teacher)
     distiller.to(device)
     lr = effective_lr(args, args.model_s)
     kd = kd_term(args).to(device)

@@ -91,6 +91,11 @@ def student_parser() -> argparse.ArgumentParser:
         "-b", "--beta", type=float, default=None, help="weight of the method's term (default: its published)"
     )
     parser.add_argument(
+        "--fold_teacher_bn",
+        action="store_true",
+        help="fold the frozen teacher's BatchNorms into its convolutions (faster; outputs equal up to rounding)",
+    )
+    parser.add_argument(
         "--two_views",
         action="store_true",
         help="MLKD's protocol: every image as a weak (crop, flip) and a strong (+ RandAugment, Cutout) view; "

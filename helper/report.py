@@ -46,7 +46,7 @@ STANDARD_EPOCHS = 240  # RepDistiller's schedule (its train_student.py default)
 NEUTRAL_FLAGS = frozenset(
     {
         "print_freq", "tb_freq", "save_freq", "num_workers", "data_folder", "seed", "trial", "deterministic",
-        "resume", "device", "save_dir", "run_name", "eval_batch_size", "compile", "channels_last",
+        "resume", "device", "save_dir", "run_name", "eval_batch_size", "compile", "channels_last", "fold_teacher_bn",
         "skip_nonfinite", "dataset", "model", "model_s", "model_t", "path_t", "distill",
         # Reported elsewhere: the loss weights, the schedule length, the data subset, the learning rate.
         "gamma", "alpha", "beta", "epochs", "train_size", "val_size", "learning_rate",

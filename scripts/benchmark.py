@@ -79,20 +79,25 @@ class Setting:
     amp: str = "none"
     channels_last: bool = False
     compile: bool = False
+    fold: bool = False
 
     @property
     def label(self) -> str:
         parts = [self.amp if self.amp != "none" else "fp32"]
-        parts += ["channels_last"] * self.channels_last + ["compile"] * self.compile
+        parts += ["channels_last"] * self.channels_last + ["fold"] * self.fold + ["compile"] * self.compile
         return "+".join(parts)
 
     def flags(self) -> list[str]:
-        return ["--amp", self.amp] + ["--channels_last"] * self.channels_last + ["--compile"] * self.compile
+        return (
+            ["--amp", self.amp] + ["--channels_last"] * self.channels_last + ["--fold_teacher_bn"] * self.fold
+            + ["--compile"] * self.compile
+        )  # fmt: skip
 
     @classmethod
     def parse(cls, text: str) -> Setting:
-        """``fp32``, ``bf16``, ``fp16``, optionally joined with ``+channels_last`` / ``+compile`` (``cl`` for short)."""
-        amp, channels_last, compiled = "none", False, False
+        """``fp32``, ``bf16``, ``fp16``, optionally joined with ``+channels_last`` (``cl``), ``+fold`` (the teacher's
+        BatchNorms folded) and ``+compile``."""
+        amp, channels_last, compiled, fold = "none", False, False, False
         for token in text.split("+"):
             if token in ("fp32", "none"):
                 continue
@@ -102,9 +107,13 @@ class Setting:
                 channels_last = True
             elif token == "compile":
                 compiled = True
+            elif token == "fold":
+                fold = True
             else:
-                raise ValueError(f"unknown setting {token!r} in {text!r}; use fp32/bf16/fp16, channels_last, compile")
-        return cls(amp, channels_last, compiled)
+                raise ValueError(
+                    f"unknown setting {token!r} in {text!r}; use fp32/bf16/fp16, channels_last, fold, compile"
+                )
+        return cls(amp, channels_last, compiled, fold)
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -119,12 +128,15 @@ def native_bf16(device: torch.device) -> bool:
 def default_settings(device: torch.device, quick: bool) -> list[Setting]:
     if device.type == "cuda":
         if quick:
-            return [Setting("bf16", True)]
-        return [Setting(), Setting("bf16", True), Setting("fp16", True), Setting("bf16", True, True)]
+            return [Setting("bf16", True, fold=True)]
+        return [
+            Setting(), Setting("bf16", True), Setting("fp16", True), Setting("bf16", True, fold=True),
+            Setting("bf16", True, True, fold=True),
+        ]  # fmt: skip
     # Compilation takes minutes on a small CPU, so the quick run leaves it out.
-    settings = [Setting(), Setting(channels_last=True)]
+    settings = [Setting(), Setting(channels_last=True), Setting(channels_last=True, fold=True)]
     if not quick:
-        settings.append(Setting(channels_last=True, compile=True))
+        settings.append(Setting(channels_last=True, compile=True, fold=True))
     if native_bf16(device):
         settings.append(Setting("bf16", True))
     return settings

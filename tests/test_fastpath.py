@@ -1,4 +1,5 @@
-"""The fast-path flags (``--channels_last``, ``--amp bf16``, ``--compile``) leave results equivalent.
+"""The fast-path flags (``--channels_last``, ``--amp bf16``, ``--compile``, ``--fold_teacher_bn``) leave results
+equivalent.
 
 One distillation step (teacher forward, student forward and backward, every loss term, an SGD step) on small
 real-shaped models, once the plain way and once with the flag, compared term by term and weight by weight.
@@ -18,13 +19,15 @@ import pytest
 import torch
 from torch import nn
 
+import models
 from dataset import Batch, CRDSampler
 from distiller_zoo import get_method
 from distiller_zoo.base import default_args
 from distiller_zoo.KD import DistillKL
 from helper.engine import DistillObjective, Precision, train_one_epoch
+from helper.fold import fold_batchnorm
 from helper.setup import compile_forward
-from models import create_model, feature_shapes
+from models import FeatureOutput, create_model, feature_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("CIFAR100_ROOT", Path(os.environ.get("KD_SHARED", ROOT.parent / "shared")) / "data"))
@@ -205,6 +208,7 @@ def test_cli_run_with_every_fast_path_flag(compiler, tmp_path):
         "bf16",
         "--channels_last",
         "--compile",
+        "--fold_teacher_bn",
     ]  # fmt: skip  (one batch of 100 everywhere: the compiled graphs see one shape)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     proc = subprocess.run(
@@ -217,4 +221,71 @@ def test_cli_run_with_every_fast_path_flag(compiler, tmp_path):
     summary = json.loads(summary_path.read_text())
     assert 0.0 <= summary["test_acc"] <= 100.0 and summary["epochs"] == 1
     args = json.loads((summary_path.parent / "args.json").read_text())["args"]
-    assert (args["amp"], args["channels_last"], args["compile"]) == ("bf16", True, True)
+    assert (args["amp"], args["channels_last"], args["compile"], args["fold_teacher_bn"]) == ("bf16", True, True, True)
+    assert "teacher: 9 BatchNorms folded" in proc.stderr  # resnet8: stem, 6 in the blocks, 2 in shortcuts
+
+
+# ---------------------------------------------------------------------------------------------- BN folding
+
+
+@pytest.mark.parametrize("arch", models.model_names())
+def test_folded_teacher_gives_the_same_outputs(arch):
+    torch.manual_seed(0)
+    model = create_model(arch)
+    with torch.no_grad():  # non-trivial running statistics, as a trained teacher has
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    model.eval()
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    folded, count = fold_batchnorm(model, preact=True)
+    assert count > 0 and folded is not model
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == n_bn - count
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == n_bn  # the original is untouched
+    x = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        a, b = model(x, is_feat=True, preact=True), folded(x, is_feat=True, preact=True)
+    for u, v in zip([*a.feats, a.logits], [*b.feats, b.logits]):
+        torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-4 * u.abs().max().item())
+
+
+def test_real_teacher_folds_every_batchnorm():
+    from helper.checkpoint import load_teacher
+
+    path = Path(os.environ.get("KD_TEACHERS", ROOT.parent / "shared" / "teachers")) / "resnet56_vanilla"
+    teacher, _, _ = load_teacher(str(path / "ckpt_epoch_240.pth"), None, num_classes=100)
+    folded, count = fold_batchnorm(teacher.eval())
+    assert (
+        count == 57 == sum(isinstance(m, nn.BatchNorm2d) for m in teacher.modules())
+    )  # stem, 54 in blocks, 2 shortcuts
+
+
+class MisleadingOrder(nn.Module):
+    """A conv and a BN that are siblings in that order, but the BN normalises the input, not the conv's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3, 10)
+        with torch.no_grad():
+            self.bn.running_mean.fill_(0.3)
+            self.bn.running_var.fill_(2.0)
+
+    def forward(self, x, is_feat=False, preact=False):
+        f = self.conv(self.bn(x))
+        logits = self.fc(f.mean(dim=(2, 3)))
+        return FeatureOutput([f], logits) if is_feat else logits
+
+
+def test_fold_is_refused_when_the_forward_does_not_apply_bn_to_the_conv(caplog):
+    model = MisleadingOrder().eval()
+    with caplog.at_level(logging.WARNING, logger="kd"):
+        folded, count = fold_batchnorm(model)
+    assert folded is model and count == 0
+    assert "teacher BatchNorms not folded" in caplog.text
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(MisleadingOrder().train())
