@@ -263,8 +263,13 @@ def train_one_epoch(
     pending: tuple[int, torch.Tensor] | None = None  # the previous step's loss, checked one step late
     for step, batch in enumerate(progress(loader)):
         batch, scale = dist.shard(batch)  # one process: the batch itself, scale 1
-        with precision.autocast():
-            terms, logits = objective(batch)
+        try:
+            with precision.autocast():
+                terms, logits = objective(batch)
+        except torch.linalg.LinAlgError as exc:
+            # A decomposition (KD-SVD's SVD) met NaN or inf in its input: the previous update left the model
+            # non-finite. Reported like a non-finite loss, so the run stops cleanly on its last good checkpoint.
+            raise NonFiniteLoss(f"{label}: non-finite values in a decomposition at epoch {epoch}, step {step}") from exc
         loss = sum(weight * value.float() for weight, value in terms.values())
         # Several processes: the global batch's loss, so that every process takes the same decisions below.
         checked = dist.sum(loss.detach() * (scale / dist.world_size)) if dist.enabled else loss

@@ -221,6 +221,31 @@ def test_non_finite_loss_stops_with_epoch_and_step_or_is_skipped():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+class SVDOfInput(nn.Module):
+    """A stand-in objective whose loss takes an SVD of the batch, as KD-SVD does of the features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+
+    def train(self, mode: bool = True):
+        return self
+
+    def __call__(self, batch):
+        s = torch.linalg.svdvals(batch.input * self.w)
+        return {"svd": (1.0, s.sum())}, torch.zeros(len(batch.target), 5)
+
+
+def test_a_failed_decomposition_on_non_finite_values_is_a_non_finite_loss():
+    batches = tiny_batches(3)
+    bad = batches[1]
+    batches[1] = Batch(bad.input * float("inf"), bad.target, bad.index)
+    objective = SVDOfInput()
+    optimizer = torch.optim.SGD(objective.parameters(), lr=0.0)
+    with pytest.raises(NonFiniteLoss, match="non-finite values in a decomposition at epoch 4, step 1"):
+        train_one_epoch(objective, batches, optimizer, FP32, FP32.scaler(), CPU, 4)
+
+
 def test_stop_request_ends_the_epoch_at_a_step_boundary():
     model = TinyNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
