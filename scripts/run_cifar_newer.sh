@@ -3,33 +3,71 @@
 # MLKD's two views), MLKD-std (its loss, one view), SimKD, WTTM on RepDistiller's 13 teacher/student pairs, each
 # with its published recipe. The flags and the source of every value are in helper/published/newer_recipes.md.
 #
-#   scripts/run_cifar_newer.sh                  every method on every pair
-#   scripts/run_cifar_newer.sh dkd kd+ls        only these methods
-#   DRY_RUN=1 scripts/run_cifar_newer.sh        print the commands, run nothing
+#   scripts/run_cifar_newer.sh                                  # every method on every pair
+#   scripts/run_cifar_newer.sh dkd kd+ls                        # only these methods
+#   TRIALS="1 2 3" GPUS="0 1" JOBS_PER_GPU=2 scripts/run_cifar_newer.sh
+#   scripts/run_cifar_newer.sh --dry-run --methods "mlkd wttm" --pairs "resnet32x4:resnet8x4"
 #
-# Environment:
-#   TRIALS   trials per cell (default 1: trial ids 1..TRIALS; the seed follows the trial id)
-#   GPUS     comma-separated device ids (default 0); each device runs its share of the commands one by one
-#   EPOCHS   epochs per run (default 240); other values scale the LR decay epochs (150/180/210 of 240)
-#   DRY_RUN  1 prints the commands instead of running them
-#   PYTHON   interpreter (default python)
-# Teachers are read from save/models/<arch>_vanilla/ckpt_epoch_240.pth. Every run passes --resume auto, so
-# running the script again continues interrupted runs.
+# Options (flag or environment variable), besides those listed in scripts/queue.sh:
+#   --methods "a b"   METHODS          a subset of: ofd reviewkd dkd dist kd+ctkd kd+ls dkd+ls mlkd mlkd+ls
+#                                      mlkd-std simkd wttm (default: all); names may also be given as arguments
+#   --pairs "t:s ..." PAIRS            teacher:student pairs (default: the 13 published ones)
+#   TEACHER_DIR / TEACHER_TEMPLATE     where the teachers are, as in scripts/run_cifar_distill.sh
+# EPOCHS shortens every schedule (MLKD's 480-epoch recipes to twice EPOCHS) and scales the LR decay epochs
+# (150/180/210 of 240) with it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/queue.sh
+source scripts/queue.sh
 
-TRIALS=${TRIALS:-1}
-GPUS=${GPUS:-0}
-EPOCHS=${EPOCHS:-240}
-DRY_RUN=${DRY_RUN:-0}
-PYTHON=${PYTHON:-python}
-
-METHODS=(ofd reviewkd dkd dist kd+ctkd kd+ls dkd+ls mlkd mlkd+ls mlkd-std simkd wttm)
+ALL_METHODS=(ofd reviewkd dkd dist kd+ctkd kd+ls dkd+ls mlkd mlkd+ls mlkd-std simkd wttm)
 # RepDistiller's tables 1 (same family) and 2 (across families), teacher then student.
 SAME_FAMILY=("wrn_40_2 wrn_16_2" "wrn_40_2 wrn_40_1" "resnet56 resnet20" "resnet110 resnet20"
              "resnet110 resnet32" "resnet32x4 resnet8x4" "vgg13 vgg8")
 CROSS_FAMILY=("vgg13 MobileNetV2" "ResNet50 MobileNetV2" "ResNet50 vgg8" "resnet32x4 ShuffleV1"
               "resnet32x4 ShuffleV2" "wrn_40_2 ShuffleV1")
+ALL_PAIRS=""
+for pair in "${SAME_FAMILY[@]}" "${CROSS_FAMILY[@]}"; do ALL_PAIRS+=" ${pair/ /:}"; done
+PAIRS="${PAIRS:-$ALL_PAIRS}"
+METHODS="${METHODS:-}"
+TRIALS="${TRIALS:-1}"
+TEACHER_DIR="${TEACHER_DIR:-./save/models}"
+TEACHER_TEMPLATE="${TEACHER_TEMPLATE:-$TEACHER_DIR/{arch\}_vanilla/ckpt_epoch_240.pth}"
+
+usage() {
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+  sed -n '/^# Options shared/,/^# PYTHON/p' scripts/queue.sh | sed 's/^# \{0,1\}//'
+}
+
+while (($#)); do
+  case "$1" in
+    -h | --help)
+      usage
+      exit 0
+      ;;
+    --methods | --pairs)
+      if (($# < 2)); then
+        echo "error: $1 needs a value" >&2
+        exit 2
+      fi
+      if [[ "$1" == --methods ]]; then METHODS="$2"; else PAIRS="$2"; fi
+      shift 2
+      ;;
+    -*)
+      if ! queue_option "$@"; then
+        echo "error: unknown option $1 (see --help)" >&2
+        exit 2
+      fi
+      shift "$QUEUE_SHIFT"
+      ;;
+    *)
+      METHODS="$METHODS $1"
+      shift
+      ;;
+  esac
+done
+queue_check_options
+BASE_EPOCHS="${EPOCHS:-240}"
 
 # DKD's NCKD weight: mdistiller configs/cifar100/dkd/*.yaml (8 where no config exists).
 dkd_beta() {
@@ -86,9 +124,9 @@ run_epochs() {
   case "$1" in
     mlkd | mlkd+ls)
       read -r e lr <<<"$(mlkd_schedule "$2" "$3")"
-      echo $((EPOCHS * e / 240))
+      echo $((BASE_EPOCHS * e / 240))
       ;;
-    *) echo "$EPOCHS" ;;
+    *) echo "$BASE_EPOCHS" ;;
   esac
 }
 
@@ -139,7 +177,7 @@ recipe() { # method teacher student -> train_student.py flags
       echo "--distill wttm -r 1 -a 0 -b $W --ttm_l $G"
       ;;
     *)
-      echo "unknown method '$method'; one of: ${METHODS[*]}" >&2
+      echo "unknown method '$method'; one of: ${ALL_METHODS[*]}" >&2
       return 1
       ;;
   esac
@@ -155,47 +193,49 @@ trial_id() {
   esac
 }
 
-schedule=""
-if [[ "$EPOCHS" != 240 ]]; then
-  schedule=" --lr_decay_epochs $((EPOCHS * 5 / 8)),$((EPOCHS * 3 / 4)),$((EPOCHS * 7 / 8))"
+
+selected=()
+for name in $METHODS; do
+  if [[ " ${ALL_METHODS[*]} " != *" $name "* ]]; then
+    echo "error: unknown method '$name'; valid: ${ALL_METHODS[*]}" >&2
+    exit 2
+  fi
+done
+for name in "${ALL_METHODS[@]}"; do
+  if [[ -z "${METHODS// /}" || " $METHODS " == *" $name "* ]]; then selected+=("$name"); fi
+done
+
+schedule=()
+if [[ "$BASE_EPOCHS" != 240 ]]; then
+  schedule=(--lr_decay_epochs "$((BASE_EPOCHS * 5 / 8)),$((BASE_EPOCHS * 3 / 4)),$((BASE_EPOCHS * 7 / 8))")
 fi
 
-selected=("$@")
-if [[ ${#selected[@]} -eq 0 ]]; then
-  selected=("${METHODS[@]}")
-fi
-
-commands=()
-for method in "${selected[@]}"; do
-  recipe "$method" x y >/dev/null # fail early on an unknown name
-  for pair in "${SAME_FAMILY[@]}" "${CROSS_FAMILY[@]}"; do
-    read -r teacher student <<<"$pair"
-    flags=$(recipe "$method" "$teacher" "$student")
-    for ((trial = 1; trial <= TRIALS; trial++)); do
-      commands+=("$PYTHON train_student.py --path_t ./save/models/${teacher}_vanilla/ckpt_epoch_240.pth"`
-        `" --model_s $student $flags --trial $(trial_id "$method" "$trial")"`
-        `" --epochs $(run_epochs "$method" "$teacher" "$student")$schedule --resume auto")
+read -r -a pairs <<<"$PAIRS"
+read -r -a trials <<<"$TRIALS"
+missing=()
+for trial in "${trials[@]}"; do
+  for pair in "${pairs[@]}"; do
+    if [[ "$pair" != *:* ]]; then
+      echo "error: pair '$pair' is not teacher:student" >&2
+      exit 2
+    fi
+    teacher=${pair%%:*} student=${pair#*:}
+    path_t=${TEACHER_TEMPLATE//\{arch\}/$teacher}
+    if [[ ! -f "$path_t" && " ${missing[*]} " != *" $path_t "* ]]; then missing+=("$path_t"); fi
+    for method in "${selected[@]}"; do
+      read -r -a flags <<<"$(recipe "$method" "$teacher" "$student")"
+      epochs=$(run_epochs "$method" "$teacher" "$student")
+      queue_add "S-${student}_T-${teacher}_${method}_${trial}${EPOCHS:+_ep$EPOCHS}" \
+        "$PYTHON" train_student.py --path_t "$path_t" --model_s "$student" "${flags[@]}" \
+        --trial "$(trial_id "$method" "$trial")" --epochs "$epochs" "${schedule[@]}" --resume auto "${EXTRA_ARGS[@]}"
     done
   done
 done
-
-IFS=, read -r -a devices <<<"$GPUS"
-n=${#devices[@]}
-
-if [[ "$DRY_RUN" == 1 ]]; then
-  for i in "${!commands[@]}"; do
-    echo "CUDA_VISIBLE_DEVICES=${devices[i % n]} ${commands[i]}"
-  done
-  exit 0
+if [[ "$DRY_RUN" != 1 && ${#missing[@]} -gt 0 ]]; then
+  echo "error: missing teacher checkpoint(s):" >&2
+  printf '  %s\n' "${missing[@]}" >&2
+  echo "fetch them with scripts/fetch_pretrained_teachers.sh, or train them with scripts/run_cifar_vanilla.sh" \
+    "and point TEACHER_TEMPLATE at them (see scripts/run_cifar_distill.sh --help)" >&2
+  exit 1
 fi
-
-# One queue per device, run in parallel; a failed run is reported and the queue goes on.
-for d in "${!devices[@]}"; do
-  (
-    for ((i = d; i < ${#commands[@]}; i += n)); do
-      # shellcheck disable=SC2086  # the command is a list of plain words
-      CUDA_VISIBLE_DEVICES="${devices[d]}" ${commands[i]} || echo "FAILED: ${commands[i]}" >&2
-    done
-  ) &
-done
-wait
+queue_run

@@ -222,3 +222,14 @@ def test_method_flags_name_the_method_but_keep_the_protocol(tmp_path: Path):
     ]
     kd_ls = groups[2]
     assert kd_ls.published.acc == 71.43 and kd_ls.comparison == (pytest.approx(71.5 - 71.43), "best")
+
+
+def test_two_view_runs_form_a_protocol_of_their_own_and_speed_flags_do_not(tmp_path: Path):
+    mlkd = dict(model_s="resnet20", model_t="resnet56", distill="mlkd")
+    make_run(tmp_path, "mlkd_std", test_acc=71.0, weights=(0.2, 0.0, 0.9), **mlkd)
+    make_run(tmp_path, "mlkd_2v", test_acc=72.0, weights=(0.1, 0.0, 0.9), flags=("--two_views",), **mlkd)
+    make_run(tmp_path, "kd_fold", test_acc=71.0, flags=("--fold_teacher_bn",), **KD)
+    groups = {g.weights: g for g in report.group_runs(report.find_runs([tmp_path]))}
+    two, one, fold = groups[(0.1, 0.0, 0.9)], groups[(0.2, 0.0, 0.9)], groups[(0.1, 0.9, 0.0)]
+    assert not two.protocol.standard and "views weak+strong" in two.protocol.label and two.label == "MLKD"
+    assert one.protocol.standard and fold.protocol.standard and fold.label == "KD"

@@ -311,3 +311,16 @@ def test_newer_mlkd_runs_its_own_protocol_and_the_standard_one():
     short = _newer("mlkd", EPOCHS="24")
     assert flag(short[("resnet32x4", "ShuffleV2")], "--epochs") == "48"
     assert flag(short[("resnet32x4", "ShuffleV2")], "--lr_decay_epochs") == "15,18,21"
+
+
+def test_newer_uses_the_shared_queue_options():
+    result = run_script("run_cifar_newer.sh", "--methods", "dkd simkd", "--pairs", "resnet56:resnet20 vgg13:vgg8",
+                        GPUS="0 1", TRIALS="1 2", EXTRA="--amp bf16", DRY_RUN="1")  # fmt: skip
+    cmds = commands(result)
+    assert len(cmds) == 2 * 2 * 2 and "# 8 runs (dry run" in result.stderr
+    assert [c[0] for c in cmds] == [f"CUDA_VISIBLE_DEVICES={i % 2}" for i in range(8)]
+    assert all(flag(c, "--amp") == "bf16" and c.count("--resume") == 1 for c in cmds)
+    dkd = [c for c in cmds if flag(c, "--distill") == "dkd" and flag(c, "--model_s") == "resnet20"]
+    assert sorted(flag(c, "--trial") for c in dkd) == ["1", "2"] and all(flag(c, "--dkd_beta") == "2" for c in dkd)
+    bad = run_script("run_cifar_newer.sh", "--dry-run", "nope")
+    assert bad.returncode == 2 and "unknown method 'nope'" in bad.stderr
