@@ -132,6 +132,9 @@ def test_real_teacher_is_measured_before_training(tmp_path):
     # The published-format resnet20 scores 68.83% on the full test set (shared/teachers/README.md).
     assert summary["teacher_acc"] == pytest.approx(68.83, abs=0.02)
     assert "teacher resnet20" in proc.stderr and "68.83" in proc.stderr
+    # run.log holds the lines logged before the run folder existed too.
+    log_text = (only_folder(tmp_path / "student_model") / "run.log").read_text()
+    assert "test accuracy 68.83" in log_text and log_text.index("data:") < log_text.index("run folder:")
 
 
 def test_training_loss_falls_on_a_tiny_subset(tmp_path):
