@@ -205,9 +205,16 @@ for name in "${ALL_METHODS[@]}"; do
   if [[ -z "${METHODS// /}" || " $METHODS " == *" $name "* ]]; then selected+=("$name"); fi
 done
 
+# The decay epochs at 5/8, 3/4 and 7/8 of the schedule, at least epoch 1 (the engine needs positive epochs).
 schedule=()
 if [[ "$BASE_EPOCHS" != 240 ]]; then
-  schedule=(--lr_decay_epochs "$((BASE_EPOCHS * 5 / 8)),$((BASE_EPOCHS * 3 / 4)),$((BASE_EPOCHS * 7 / 8))")
+  decay=()
+  for frac in "5 8" "3 4" "7 8"; do
+    read -r num den <<<"$frac"
+    e=$((BASE_EPOCHS * num / den))
+    decay+=($((e > 0 ? e : 1)))
+  done
+  schedule=(--lr_decay_epochs "${decay[0]},${decay[1]},${decay[2]}")
 fi
 
 read -r -a pairs <<<"$PAIRS"

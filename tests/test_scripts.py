@@ -324,3 +324,5 @@ def test_newer_uses_the_shared_queue_options():
     assert sorted(flag(c, "--trial") for c in dkd) == ["1", "2"] and all(flag(c, "--dkd_beta") == "2" for c in dkd)
     bad = run_script("run_cifar_newer.sh", "--dry-run", "nope")
     assert bad.returncode == 2 and "unknown method 'nope'" in bad.stderr
+    one = commands(run_script("run_cifar_newer.sh", "dkd", "--pairs", "resnet56:resnet20", EPOCHS="1", DRY_RUN="1"))
+    assert flag(one[0], "--epochs") == "1" and flag(one[0], "--lr_decay_epochs") == "1,1,1"  # positive, as required
