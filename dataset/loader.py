@@ -241,6 +241,7 @@ class DeviceLoader:
         strong = None
         if self.strong_view:
             sdx, sdy, sflip, sdraws = self.strong_plan(epoch)
+            sdraws = StrongDraws(*(t.to(self.device) for t in sdraws))  # once per epoch, not per batch
             strong = (sdx.to(self.device), sdy.to(self.device), sflip.to(self.device), sdraws)
         for i in range(start_batch, len(self)):
             s = slice(i * self.batch_size, (i + 1) * self.batch_size)

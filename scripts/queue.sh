@@ -37,6 +37,42 @@ read -r -a EXTRA_ARGS <<<"${EXTRA:-}"
 JOB_NAMES=()
 JOB_CMDS=()
 
+# RepDistiller's 13 teacher:student pairs (its README tables = CRD paper Table 1, same family; Table 2, across
+# families), shared by the distillation scripts.
+# shellcheck disable=SC2034
+SAME_FAMILY_PAIRS="wrn_40_2:wrn_16_2 wrn_40_2:wrn_40_1 resnet56:resnet20 resnet110:resnet20 resnet110:resnet32"
+SAME_FAMILY_PAIRS+=" resnet32x4:resnet8x4 vgg13:vgg8"
+CROSS_FAMILY_PAIRS="vgg13:MobileNetV2 ResNet50:MobileNetV2 ResNet50:vgg8 resnet32x4:ShuffleV1 resnet32x4:ShuffleV2"
+CROSS_FAMILY_PAIRS+=" wrn_40_2:ShuffleV1"
+# shellcheck disable=SC2034
+PUBLISHED_PAIRS="$SAME_FAMILY_PAIRS $CROSS_FAMILY_PAIRS"
+
+# --help of a script: its header comment, then the shared options below.
+queue_usage() {
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+    sed -n '/^# Options shared/,/^# PYTHON/p' scripts/queue.sh | sed 's/^# \{0,1\}//'
+}
+
+# Teachers of the distillation scripts: queue_teacher_path ARCH sets TEACHER_PATH (TEACHER_TEMPLATE with {arch}
+# replaced) and notes it if missing; queue_check_teachers then stops before any run (not in a dry run).
+MISSING_TEACHERS=()
+queue_teacher_path() {
+    TEACHER_PATH=${TEACHER_TEMPLATE//\{arch\}/$1}
+    if [[ ! -f "$TEACHER_PATH" && " ${MISSING_TEACHERS[*]} " != *" $TEACHER_PATH "* ]]; then
+        MISSING_TEACHERS+=("$TEACHER_PATH")
+    fi
+}
+
+queue_check_teachers() {
+    if [[ "$DRY_RUN" != 1 && ${#MISSING_TEACHERS[@]} -gt 0 ]]; then
+        echo "error: missing teacher checkpoint(s):" >&2
+        printf '  %s\n' "${MISSING_TEACHERS[@]}" >&2
+        echo "fetch them with scripts/fetch_pretrained_teachers.sh, or train them with scripts/run_cifar_vanilla.sh" \
+            "and point TEACHER_TEMPLATE at them (see --help)" >&2
+        exit 1
+    fi
+}
+
 # Parse one shared option at "$1"; sets QUEUE_SHIFT (read by the calling script) to the number of words used.
 # Returns 1 if the option is not a shared one.
 # shellcheck disable=SC2034

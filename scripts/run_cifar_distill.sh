@@ -23,12 +23,6 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/queue.sh
 source scripts/queue.sh
 
-# RepDistiller's README tables (= CRD paper Table 1, same family; Table 2, different families).
-SAME_FAMILY="wrn_40_2:wrn_16_2 wrn_40_2:wrn_40_1 resnet56:resnet20 resnet110:resnet20 resnet110:resnet32"
-SAME_FAMILY+=" resnet32x4:resnet8x4 vgg13:vgg8"
-CROSS_FAMILY="vgg13:MobileNetV2 ResNet50:MobileNetV2 ResNet50:vgg8 resnet32x4:ShuffleV1 resnet32x4:ShuffleV2"
-CROSS_FAMILY+=" wrn_40_2:ShuffleV1"
-ALL_PAIRS="$SAME_FAMILY $CROSS_FAMILY"
 # The pairs on which FSP runs: those with FSP numbers in RepDistiller's tables.
 FSP_PAIRS="wrn_40_2:wrn_16_2 resnet56:resnet20 resnet110:resnet20 resnet110:resnet32 resnet32x4:resnet8x4 vgg13:vgg8"
 # name|--distill|weights, with RepDistiller's flag spelling (its scripts/run_cifar_distill.sh); -r defaults to 1.
@@ -48,21 +42,16 @@ METHOD_SPECS=(
     "crd|crd|-a 0 -b 0.8"
     "crd+kd|crd|-a 1 -b 0.8"
 )
-PAIRS="${PAIRS:-$ALL_PAIRS}"
+PAIRS="${PAIRS:-$PUBLISHED_PAIRS}"
 METHODS="${METHODS:-}"
 TRIALS="${TRIALS:-1}" # RepDistiller's train_student.py default trial
 TEACHER_DIR="${TEACHER_DIR:-./save/models}"
 TEACHER_TEMPLATE="${TEACHER_TEMPLATE:-$TEACHER_DIR/{arch\}_vanilla/ckpt_epoch_240.pth}"
 
-usage() {
-    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
-    sed -n '/^# Options shared/,/^# PYTHON/p' scripts/queue.sh | sed 's/^# \{0,1\}//'
-}
-
 while (($#)); do
     case "$1" in
         -h | --help)
-            usage
+            queue_usage
             exit 0
             ;;
         --methods | --pairs)
@@ -99,15 +88,9 @@ for name in $METHODS; do
     fi
 done
 
-teacher_path() {
-    local template=$TEACHER_TEMPLATE
-    echo "${template//\{arch\}/$1}"
-}
-
 read -r -a pairs <<<"$PAIRS"
 read -r -a trials <<<"$TRIALS"
 skipped_fsp=0
-missing=()
 for trial in "${trials[@]}"; do
     for pair in "${pairs[@]}"; do
         if [[ "$pair" != *:* ]]; then
@@ -115,18 +98,17 @@ for trial in "${trials[@]}"; do
             exit 2
         fi
         teacher=${pair%%:*} student=${pair#*:}
-        path_t=$(teacher_path "$teacher")
-        if [[ ! -f "$path_t" && " ${missing[*]} " != *" $path_t "* ]]; then missing+=("$path_t"); fi
+        queue_teacher_path "$teacher"
         for spec in "${selected[@]}"; do
             IFS='|' read -r name distill weights <<<"$spec"
             # FSP on a published pair without an FSP number: channel counts differ (RepDistiller: N/A).
-            if [[ "$name" == fsp && " $ALL_PAIRS " == *" $pair "* && " $FSP_PAIRS " != *" $pair "* ]]; then
+            if [[ "$name" == fsp && " $PUBLISHED_PAIRS " == *" $pair "* && " $FSP_PAIRS " != *" $pair "* ]]; then
                 skipped_fsp=$((skipped_fsp + 1))
                 continue
             fi
             read -r -a weight_flags <<<"$weights"
             queue_add "S-${student}_T-${teacher}_${name}_${trial}${EPOCHS:+_ep$EPOCHS}" \
-                "$PYTHON" train_student.py --path_t "$path_t" --distill "$distill" --model_s "$student" \
+                "$PYTHON" train_student.py --path_t "$TEACHER_PATH" --distill "$distill" --model_s "$student" \
                 "${weight_flags[@]}" --trial "$trial" "${COMMON_FLAGS[@]}"
         done
     done
@@ -134,11 +116,5 @@ done
 if ((skipped_fsp > 0)); then
     echo "# fsp skipped on $skipped_fsp pair(s) whose channel counts differ (no FSP number published)" >&2
 fi
-if [[ "$DRY_RUN" != 1 && ${#missing[@]} -gt 0 ]]; then
-    echo "error: missing teacher checkpoint(s):" >&2
-    printf '  %s\n' "${missing[@]}" >&2
-    echo "fetch them with scripts/fetch_pretrained_teachers.sh, or train them with scripts/run_cifar_vanilla.sh" \
-        "and point TEACHER_TEMPLATE at them (see --help)" >&2
-    exit 1
-fi
+queue_check_teachers
 queue_run

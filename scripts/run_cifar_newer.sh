@@ -21,28 +21,16 @@ cd "$(dirname "$0")/.."
 source scripts/queue.sh
 
 ALL_METHODS=(ofd reviewkd dkd dist kd+ctkd kd+ls dkd+ls mlkd mlkd+ls mlkd-std simkd wttm)
-# RepDistiller's tables 1 (same family) and 2 (across families), teacher then student.
-SAME_FAMILY=("wrn_40_2 wrn_16_2" "wrn_40_2 wrn_40_1" "resnet56 resnet20" "resnet110 resnet20"
-             "resnet110 resnet32" "resnet32x4 resnet8x4" "vgg13 vgg8")
-CROSS_FAMILY=("vgg13 MobileNetV2" "ResNet50 MobileNetV2" "ResNet50 vgg8" "resnet32x4 ShuffleV1"
-              "resnet32x4 ShuffleV2" "wrn_40_2 ShuffleV1")
-ALL_PAIRS=""
-for pair in "${SAME_FAMILY[@]}" "${CROSS_FAMILY[@]}"; do ALL_PAIRS+=" ${pair/ /:}"; done
-PAIRS="${PAIRS:-$ALL_PAIRS}"
+PAIRS="${PAIRS:-$PUBLISHED_PAIRS}"
 METHODS="${METHODS:-}"
 TRIALS="${TRIALS:-1}"
 TEACHER_DIR="${TEACHER_DIR:-./save/models}"
 TEACHER_TEMPLATE="${TEACHER_TEMPLATE:-$TEACHER_DIR/{arch\}_vanilla/ckpt_epoch_240.pth}"
 
-usage() {
-  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
-  sed -n '/^# Options shared/,/^# PYTHON/p' scripts/queue.sh | sed 's/^# \{0,1\}//'
-}
-
 while (($#)); do
   case "$1" in
     -h | --help)
-      usage
+      queue_usage
       exit 0
       ;;
     --methods | --pairs)
@@ -109,13 +97,7 @@ mlkd_schedule() {
 
 # The one-view MLKD loss under the standard protocol: MLKD's lr for the same-family pairs, RepDistiller's else.
 mlkd_std_lr() {
-  local pair
-  for pair in "${SAME_FAMILY[@]}"; do
-    if [[ "$pair" == "$1 $2" ]]; then
-      echo " --learning_rate 0.025"
-      return
-    fi
-  done
+  if [[ " $SAME_FAMILY_PAIRS " == *" $1:$2 "* ]]; then echo " --learning_rate 0.025"; fi
 }
 
 # Epochs of one run: EPOCHS, doubled for MLKD's 480-epoch configs.
@@ -150,7 +132,7 @@ wttm_values() {
 }
 
 recipe() { # method teacher student -> train_student.py flags
-  local method=$1 teacher=$2 student=$3 T W G E L
+  local method=$1 teacher=$2 student=$3 T W G L
   case "$method" in
     ofd) echo "--distill ofd -r 1 -a 0 -b 0.001" ;;
     reviewkd) echo "--distill reviewkd -r 1 -a 0 -b $(reviewkd_weight "$teacher" "$student")" ;;
@@ -163,11 +145,11 @@ recipe() { # method teacher student -> train_student.py flags
       ;;
     dkd+ls) echo "--distill dkd --logit_stand --base_temp 2 -r 1 -a 0 -b 9 --dkd_beta $(dkd_beta "$teacher" "$student")" ;;
     mlkd)
-      read -r E L <<<"$(mlkd_schedule "$teacher" "$student")"
+      read -r _ L <<<"$(mlkd_schedule "$teacher" "$student")"
       echo "--distill mlkd --two_views -r 0.1 -a 0 -b 0.9 --learning_rate $L"
       ;;
     mlkd+ls)
-      read -r E L <<<"$(mlkd_schedule "$teacher" "$student")"
+      read -r _ L <<<"$(mlkd_schedule "$teacher" "$student")"
       echo "--distill mlkd --two_views --logit_stand --base_temp 2 -r 0.1 -a 0 -b 9 --learning_rate $L"
       ;;
     mlkd-std) echo "--distill mlkd -r 0.2 -a 0 -b 0.9$(mlkd_std_lr "$teacher" "$student")" ;;
@@ -219,7 +201,6 @@ fi
 
 read -r -a pairs <<<"$PAIRS"
 read -r -a trials <<<"$TRIALS"
-missing=()
 for trial in "${trials[@]}"; do
   for pair in "${pairs[@]}"; do
     if [[ "$pair" != *:* ]]; then
@@ -227,22 +208,15 @@ for trial in "${trials[@]}"; do
       exit 2
     fi
     teacher=${pair%%:*} student=${pair#*:}
-    path_t=${TEACHER_TEMPLATE//\{arch\}/$teacher}
-    if [[ ! -f "$path_t" && " ${missing[*]} " != *" $path_t "* ]]; then missing+=("$path_t"); fi
+    queue_teacher_path "$teacher"
     for method in "${selected[@]}"; do
       read -r -a flags <<<"$(recipe "$method" "$teacher" "$student")"
       epochs=$(run_epochs "$method" "$teacher" "$student")
       queue_add "S-${student}_T-${teacher}_${method}_${trial}${EPOCHS:+_ep$EPOCHS}" \
-        "$PYTHON" train_student.py --path_t "$path_t" --model_s "$student" "${flags[@]}" \
+        "$PYTHON" train_student.py --path_t "$TEACHER_PATH" --model_s "$student" "${flags[@]}" \
         --trial "$(trial_id "$method" "$trial")" --epochs "$epochs" "${schedule[@]}" --resume auto "${EXTRA_ARGS[@]}"
     done
   done
 done
-if [[ "$DRY_RUN" != 1 && ${#missing[@]} -gt 0 ]]; then
-  echo "error: missing teacher checkpoint(s):" >&2
-  printf '  %s\n' "${missing[@]}" >&2
-  echo "fetch them with scripts/fetch_pretrained_teachers.sh, or train them with scripts/run_cifar_vanilla.sh" \
-    "and point TEACHER_TEMPLATE at them (see scripts/run_cifar_distill.sh --help)" >&2
-  exit 1
-fi
+queue_check_teachers
 queue_run

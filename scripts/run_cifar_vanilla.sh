@@ -21,15 +21,10 @@ STUDENT_MODELS=(resnet8x4 resnet20 resnet32 wrn_16_2 wrn_40_1 vgg8 MobileNetV2 S
 MODELS="${MODELS:-${TEACHER_MODELS[*]} ${STUDENT_MODELS[*]}}"
 TRIALS="${TRIALS:-0}" # RepDistiller's train_teacher.py default trial
 
-usage() {
-    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
-    sed -n '/^# Options shared/,/^# PYTHON/p' scripts/queue.sh | sed 's/^# \{0,1\}//'
-}
-
 while (($#)); do
     case "$1" in
         -h | --help)
-            usage
+            queue_usage
             exit 0
             ;;
         --models)

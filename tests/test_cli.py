@@ -10,12 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_paths import DATA, ROOT, SHARED
 
 from models import create_model
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("KD_SHARED", ROOT.parent / "shared"))
-DATA = Path(os.environ.get("CIFAR100_ROOT", SHARED / "data"))
 
 pytestmark = [
     pytest.mark.slow,

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from shared_paths import DATA, ROOT  # beside this file, so also found when torchrun runs it as a script
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script by torchrun
     sys.path.insert(0, str(ROOT))
 
@@ -36,8 +36,6 @@ from helper.engine import Meter  # noqa: E402
 from helper.options import UsageError  # noqa: E402
 from models import create_model  # noqa: E402
 
-SHARED = Path(os.environ.get("KD_SHARED", ROOT.parent / "shared"))
-DATA = Path(os.environ.get("CIFAR100_ROOT", SHARED / "data"))
 HAS_DATA = (DATA / "cifar-100-python").is_dir()
 TOL = {"rtol": 1e-5, "atol": 2e-5}
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_paths import DATA, ROOT
 from torch import nn
 
 import models
@@ -29,8 +30,6 @@ from helper.fold import fold_batchnorm
 from helper.setup import compile_forward
 from models import FeatureOutput, create_model, feature_shapes
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("CIFAR100_ROOT", Path(os.environ.get("KD_SHARED", ROOT.parent / "shared")) / "data"))
 CPU = torch.device("cpu")
 FP32 = Precision("none", "cpu")
 N_DATA, BATCH, NCE_K = 64, 8, 16  # CRD memory rows, batch size, negatives: small but the real code paths

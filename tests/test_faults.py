@@ -17,10 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("KD_SHARED", ROOT.parent / "shared"))
-DATA = Path(os.environ.get("CIFAR100_ROOT", SHARED / "data"))
+from shared_paths import DATA, ROOT
 
 pytestmark = [
     pytest.mark.slow,

@@ -44,13 +44,7 @@ REPDISTILLER_METHODS = {
 BATCH, N_DATA, NCE_K = 4, 64, 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small, shared CPU, thread contention made these steps ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import copy
 import functools
 import importlib.util
 import math
-import os
 import pickle
 import re
 from pathlib import Path
@@ -15,14 +14,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from shared_paths import ROOT, SHARED
 from torch import nn
 
 from models import FeatureOutput, create_model, feature_shapes, model_dict, model_names, teacher_name_from_path
 from models.common import channel_shuffle
 from models.shufflenetv2 import ShuffleV2
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("KD_SHARED") or ROOT.parent / "shared")
 STATE_DICTS = SHARED / "reference" / "state_dicts"
 NAMES = list(model_dict)
 

@@ -113,16 +113,6 @@ def _model_s(text: str) -> str:
     return re.search(r"--model_s (\S+)", text).group(1)
 
 
-@pytest.fixture()
-def one_thread():
-    """Tiny forwards on one thread: on shared, busy cores OpenMP threads that spin while waiting made these
-    15 two-image forwards take 29 s instead of 2 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_fsp_runs_exactly_on_the_pairs_whose_channels_match(one_thread: None):
     cmds = commands(run_script("run_cifar_distill.sh", "--dry-run", "--methods", "fsp"))
     fsp_pairs = {(Path(flag(c, "--path_t")).parent.name.removesuffix("_vanilla"), flag(c, "--model_s")) for c in cmds}

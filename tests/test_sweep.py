@@ -12,13 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_paths import DATA, ROOT
 
 from helper.options import student_parser, student_run_folder
 from models import create_model
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("KD_SHARED", ROOT.parent / "shared"))
-DATA = Path(os.environ.get("CIFAR100_ROOT", SHARED / "data"))
 
 spec = importlib.util.spec_from_file_location("sweep", ROOT / "scripts" / "sweep.py")
 sweep = importlib.util.module_from_spec(spec)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_cli import DATA, SMALL, only_folder, run
+from shared_paths import DATA
+from test_cli import SMALL, only_folder, run
 
 from dataset import DeviceLoader
 from dataset.batch import Batch
