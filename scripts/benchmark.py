@@ -7,7 +7,8 @@
 
 A step is everything a training step does: make the batch (and CRD's contrast indices), the teacher's forward,
 the student's forward and backward, every loss term, the optimizer step. For each method it times, in one run,
-alternating between them round after round and keeping each one's best round:
+alternating between them round after round; the table gives each one's best round, and the speed-up both as best
+round over best round and as the median of the per-round ratios (robust to load from elsewhere):
 
 * **baseline**, built as RepDistiller builds it: a torchvision ``CIFAR100`` subclass returning PIL images through
   ``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip()``, ``ToTensor()``, ``Normalize`` (for CRD, RepDistiller's
@@ -360,8 +361,9 @@ def images_per_second(
 
 def measure_method(
     opts: argparse.Namespace, method: str, settings: list[Setting], barrier: FileBarrier | None
-) -> dict[str, float]:
-    """Best images/s over ``opts.rounds`` rounds for the baseline and each setting, alternating."""
+) -> dict[str, list[float]]:
+    """Images/s of every round (``opts.rounds``) for the baseline and each setting, the configurations alternating
+    round by round (``nan`` for a round that stopped on a non-finite loss)."""
     loops: dict[str, OursLoop | BaselineLoop] = {}
     # A fresh compile cache per method: the models of earlier methods share ResNet.forward's code object, and
     # dynamo's per-code recompile limit would otherwise send later methods to eager silently.
@@ -380,18 +382,23 @@ def measure_method(
             loops[setting.label] = OursLoop(run)
             log.info("%s %s: compiling and warming up", method, setting.label)
             loops[setting.label].steps(1)  # compile now, not inside a timed round
-        best = dict.fromkeys(loops, 0.0)
+        rounds: dict[str, list[float]] = {name: [] for name in loops}
+        stopped: set[str] = set()
         for r in range(opts.rounds):
             for name, loop in loops.items():
+                if name in stopped:
+                    rounds[name].append(math.nan)
+                    continue
                 try:
                     ips = images_per_second(loop, opts.steps, opts.warmup, opts.device, barrier)
-                except NonFiniteLoss as exc:  # reported as n/a; the other configurations go on
+                except NonFiniteLoss as exc:  # n/a from here on; the other configurations go on
                     log.warning("%s %s: %s (a trained teacher, --path_t, avoids this)", method, name, exc)
-                    best[name] = math.nan
+                    stopped.add(name)
+                    rounds[name].append(math.nan)
                     continue
-                best[name] = max(best[name], ips)
+                rounds[name].append(ips)
                 log.info("%s round %d/%d %s: %.1f images/s", method, r + 1, opts.rounds, name, ips)
-        return best
+        return rounds
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -416,20 +423,46 @@ def _fmt(value: float) -> str:
     return f"{value:,.1f}" if math.isfinite(value) else "n/a"
 
 
-def table(results: dict[str, dict[str, float]], settings: list[Setting], parallel: int) -> str:
+def best(rounds: list[float]) -> float:
+    """The fastest measured round (``nan`` when none finished)."""
+    measured = [x for x in rounds if math.isfinite(x)]
+    return max(measured) if measured else math.nan
+
+
+def median_ratio(rounds: list[float], base: list[float]) -> float:
+    """The median over rounds of ``rounds[r] / base[r]``: the two ran back to back in round ``r``, so a burst of
+    load from elsewhere slows both and the ratio keeps the comparison; ``nan`` when no round has both."""
+    ratios = sorted(a / b for a, b in zip(rounds, base) if math.isfinite(a) and math.isfinite(b) and b > 0)
+    if not ratios:
+        return math.nan
+    mid = len(ratios) // 2
+    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+
+
+def table(results: dict[str, dict[str, list[float]]], settings: list[Setting], parallel: int) -> str:
+    """Best images/s of each configuration; the speed-up of the best setting as best round over best round,
+    and as the median of its per-round ratios to the baseline."""
     names = [s.label for s in settings]
     agg = f" (sum of {parallel} processes)" if parallel > 1 else ""
     lines = [
-        f"| method | baseline img/s{agg} | " + " | ".join(f"{n} img/s" for n in names) + " | speed-up (best) |",
-        "|---|---:|" + "---:|" * len(names) + "---:|",
+        f"| method | baseline img/s{agg} | "
+        + " | ".join(f"{n} img/s" for n in names)
+        + " | speed-up (best rounds) | speed-up (median of rounds) |",
+        "|---|---:|" + "---:|" * len(names) + "---:|---:|",
     ]
-    for method, ips in results.items():
+    for method, rounds in results.items():
+        ips = {name: best(r) for name, r in rounds.items()}
         base = ips.get(BASELINE, math.nan)
         measured = [n for n in names if math.isfinite(ips[n])]
-        best = max(measured, key=lambda n: ips[n]) if measured else None
-        speedup = f"{ips[best] / base:.2f}x ({best})" if best and math.isfinite(base) else "n/a"
-        cells = [_fmt(ips.get(BASELINE, math.nan))] + [_fmt(ips[n]) for n in names]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {speedup} |")
+        top = max(measured, key=lambda n: ips[n]) if measured else None
+        if top and math.isfinite(base):
+            speedup = f"{ips[top] / base:.2f}x ({top})"
+            med = median_ratio(rounds[top], rounds[BASELINE])
+            median = f"{med:.2f}x" if math.isfinite(med) else "n/a"
+        else:
+            speedup = median = "n/a"
+        cells = [_fmt(base)] + [_fmt(ips[n]) for n in names]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {speedup} | {median} |")
     return "\n".join(lines)
 
 
@@ -485,7 +518,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return opts
 
 
-def run_parallel(opts: argparse.Namespace, argv: list[str]) -> dict[str, dict[str, float]]:
+def run_parallel(opts: argparse.Namespace, argv: list[str]) -> dict[str, dict[str, list[float]]]:
     """Launch ``--parallel`` copies of this script, synchronised at every timed round, and sum their images/s."""
     with tempfile.TemporaryDirectory(prefix="kdbench-par-") as tmp:
         outs = [Path(tmp) / f"rank{r}.json" for r in range(opts.parallel)]
@@ -498,7 +531,8 @@ def run_parallel(opts: argparse.Namespace, argv: list[str]) -> dict[str, dict[st
         if any(child.wait() != 0 for child in children):
             raise SystemExit("a benchmark process failed")
         parts = [json.loads(out.read_text())["results"] for out in outs]
-    return {m: {k: sum(p[m][k] for p in parts) for k in parts[0][m]} for m in parts[0]}
+    # The processes time each round together (the barrier): a round's aggregate is the sum of theirs.
+    return {m: {k: [sum(r) for r in zip(*(p[m][k] for p in parts))] for k in parts[0][m]} for m in parts[0]}
 
 
 def child_flags(opts: argparse.Namespace, rank: int, barrier: Path, out: Path) -> list[str]:
@@ -547,7 +581,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(
         f"\n{opts.teacher} -> {opts.student}, batch {opts.batch_size}, images per second of full training steps, "
-        f"best of {opts.rounds} rounds of {opts.steps} steps; {info['device']}, torch {info['torch']}, "
+        f"{opts.rounds} rounds of {opts.steps} steps (every round in --json); "
+        f"{info['device']}, torch {info['torch']}, "
         f"{info['threads']} threads, load average {info['load_average']} -> {info['load_average_end']}; "
         f"baseline: PIL + DataLoader with {opts.workers} workers, fp32\n"
     )

@@ -1,0 +1,104 @@
+"""scripts/benchmark.py: its settings, its summary of rounds, and a short real run of both loops."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared_paths import DATA, ROOT, SHARED
+
+spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
+benchmark = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = benchmark  # dataclasses look their module up here
+spec.loader.exec_module(benchmark)
+
+TEACHER = SHARED / "teachers" / "resnet56_vanilla" / "ckpt_epoch_240.pth"
+nan = math.nan
+
+
+@pytest.mark.parametrize(
+    ("text", "expected", "label"),
+    [
+        ("fp32", benchmark.Setting(), "fp32"),
+        ("bf16+cl", benchmark.Setting("bf16", True), "bf16+channels_last"),
+        ("fp16+channels_last+fold+compile", benchmark.Setting("fp16", True, True, True), None),
+        ("fp32+fold", benchmark.Setting(fold=True), "fp32+fold"),
+    ],
+)
+def test_settings_parse_and_name_the_flags(text, expected, label):
+    setting = benchmark.Setting.parse(text)
+    assert setting == expected
+    if label:
+        assert setting.label == label
+    assert benchmark.Setting.parse(setting.label) == setting  # the label reads back
+    flags = setting.flags()
+    assert flags[:2] == ["--amp", {"fp32": "none"}.get(text.split("+")[0], text.split("+")[0])]
+    assert ("--channels_last" in flags) == setting.channels_last
+    assert ("--fold_teacher_bn" in flags) == setting.fold
+    assert ("--compile" in flags) == setting.compile
+
+
+def test_unknown_setting_is_refused():
+    with pytest.raises(ValueError, match="unknown setting 'fp8'"):
+        benchmark.Setting.parse("fp8+cl")
+
+
+def test_gpu_defaults_use_bf16_channels_last_and_fold():
+    settings = benchmark.default_settings(torch.device("cuda"), quick=False)
+    assert benchmark.Setting() in settings  # the fp32 column
+    assert benchmark.Setting("bf16", True, fold=True) in settings  # the >= 5x goal's configuration
+    assert benchmark.default_settings(torch.device("cuda"), quick=True) == [benchmark.Setting("bf16", True, fold=True)]
+
+
+def test_median_ratio_pairs_rounds_and_skips_missing_ones():
+    # ratios 1.0, 1.5, 2.0 (the round with nan is skipped): median 1.5
+    assert benchmark.median_ratio([100, 150, nan, 120], [100, 100, 90, 60]) == pytest.approx(1.5)
+    # an even number of ratios: the mean of the middle two (1.2 and 1.4)
+    assert benchmark.median_ratio([120, 140, 300, 100], [100, 100, 100, 100]) == pytest.approx(1.3)
+    assert math.isnan(benchmark.median_ratio([nan, nan], [100, 100]))
+    assert benchmark.best([nan, 80.0, 120.0]) == 120.0
+    assert math.isnan(benchmark.best([nan]))
+
+
+def test_table_reports_best_and_median_speed_ups():
+    settings = [benchmark.Setting(), benchmark.Setting(channels_last=True)]
+    results = {
+        "kd": {"baseline": [100.0, 80.0, 50.0], "fp32": [110.0, 90.0, 60.0], "fp32+channels_last": [150.0, 96.0, 75.0]},
+        "kdsvd": {"baseline": [70.0, 70.0, 70.0], "fp32": [nan, nan, nan], "fp32+channels_last": [nan, nan, nan]},
+    }
+    lines = benchmark.table(results, settings, parallel=1).splitlines()
+    assert lines[0].startswith("| method | baseline img/s | fp32 img/s | fp32+channels_last img/s |")
+    # best rounds 150 / 100; per-round ratios 1.5, 1.2, 1.5: median 1.5
+    assert lines[2] == "| kd | 100.0 | 110.0 | 150.0 | 1.50x (fp32+channels_last) | 1.50x |"
+    assert lines[3] == "| kdsvd | 70.0 | n/a | n/a | n/a | n/a |"
+    assert "(sum of 3 processes)" in benchmark.table(results, settings, parallel=3).splitlines()[0]
+
+
+@pytest.mark.slow
+def test_short_cpu_run_times_both_loops_for_kd_and_crd(tmp_path: Path, capsys: pytest.CaptureFixture):
+    if not TEACHER.is_file():
+        pytest.skip(f"needs the shared teacher {TEACHER}")
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    try:
+        benchmark.main([
+            "--device", "cpu", "--methods", "kd,crd", "--settings", "fp32,fp32+cl+fold", "--steps", "1",
+            "--rounds", "2", "--warmup", "0", "--workers", "0", "--threads", "1", "--nce_k", "256",
+            "--path_t", str(TEACHER), "--data_folder", str(DATA), "--json", str(out),
+        ])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    payload = json.loads(out.read_text())
+    for method in ("kd", "crd"):
+        rounds = payload["results"][method]
+        assert set(rounds) == {"baseline", "fp32", "fp32+channels_last+fold"}
+        for name, values in rounds.items():
+            assert len(values) == 2 and all(10 < v < 1e5 for v in values), (method, name, values)
+    printed = capsys.readouterr().out
+    assert "| kd | " in printed and "| crd | " in printed and "speed-up (median of rounds)" in printed
