@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from shared_paths import DATA, ROOT, SHARED
 
 spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
