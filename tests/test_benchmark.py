@@ -106,3 +106,19 @@ def test_short_cpu_run_times_both_loops_for_kd_and_crd(tmp_path: Path, capsys: p
             assert len(values) == 2 and all(10 < v < 1e5 for v in values), (method, name, values)
     printed = capsys.readouterr().out
     assert "| kd | " in printed and "| crd | " in printed and "speed-up (median of rounds)" in printed
+
+
+@pytest.mark.slow
+def test_parallel_processes_time_rounds_together_and_sum(tmp_path: Path, capsys: pytest.CaptureFixture):
+    if not TEACHER.is_file():
+        pytest.skip(f"needs the shared teacher {TEACHER}")
+    out = tmp_path / "bench.json"
+    benchmark.main([
+        "--device", "cpu", "--methods", "kd", "--settings", "fp32", "--steps", "1", "--rounds", "2",
+        "--warmup", "0", "--threads", "1", "--ours_only", "--parallel", "2",
+        "--path_t", str(TEACHER), "--data_folder", str(DATA), "--json", str(out),
+    ])  # fmt: skip
+    rounds = json.loads(out.read_text())["results"]["kd"]
+    assert list(rounds) == ["fp32"] and len(rounds["fp32"]) == 2 and all(v > 10 for v in rounds["fp32"])
+    header = capsys.readouterr().out
+    assert "(sum of 2 processes)" in header and "| kd | n/a | " in header  # no baseline with --ours_only
