@@ -22,6 +22,10 @@ round over best round and as the median of the per-round ratios (robust to load 
   setting (``--amp``, ``--channels_last``, ``--compile``), driven by ``helper.engine.train_one_epoch`` over the
   device-held data (``dataset.DeviceLoader``).
 
+With ``--fixed_batch`` every configuration gets a twin that runs the same step on the same models over one batch
+held in memory; the second table gives the data pipeline's share of a step, ``1 - loop / twin`` (what remains is
+the models' arithmetic, the losses and the optimizer).
+
 The teacher is ``--path_t``, else ``$KD_TEACHERS/<arch>_vanilla/ckpt_epoch_240.pth`` when it exists, else a randomly
 initialised one with calibrated BN statistics (speed does not depend on the weights).
 The data is the real CIFAR-100 training set (``--data_folder``, else ``$CIFAR100_ROOT``). Warm-up steps
@@ -42,7 +46,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from itertools import count, islice
+from itertools import count, islice, repeat
 from pathlib import Path
 from typing import Any
 
@@ -323,6 +327,20 @@ class BaselineLoop:
         return images
 
 
+ONE_BATCH = " (one batch)"
+
+
+def with_one_batch_twins(loops: dict[str, OursLoop | BaselineLoop]) -> dict[str, OursLoop | BaselineLoop]:
+    """Each loop followed by a twin on the same run (models, losses, optimizer) that steps over one batch held in
+    memory: the same step without the data pipeline (for CRD, without drawing the negatives either)."""
+    out: dict[str, OursLoop | BaselineLoop] = {}
+    for name, loop in loops.items():
+        twin = BaselineLoop(loop.run, loop.loader) if isinstance(loop, BaselineLoop) else OursLoop(loop.run)
+        twin.batches = repeat(next(twin.batches))
+        out[name], out[name + ONE_BATCH] = loop, twin
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Timing
 
@@ -382,6 +400,8 @@ def measure_method(
             loops[setting.label] = OursLoop(run)
             log.info("%s %s: compiling and warming up", method, setting.label)
             loops[setting.label].steps(1)  # compile now, not inside a timed round
+        if opts.fixed_batch:
+            loops = with_one_batch_twins(loops)
         rounds: dict[str, list[float]] = {name: [] for name in loops}
         stopped: set[str] = set()
         for r in range(opts.rounds):
@@ -467,6 +487,20 @@ def table(results: dict[str, dict[str, list[float]]], settings: list[Setting], p
     return "\n".join(lines)
 
 
+def data_share_table(results: dict[str, dict[str, list[float]]]) -> str:
+    """For every configuration timed with ``--fixed_batch``: the share of a step that the data pipeline costs,
+    ``1 - loop / one-batch`` images/s as the median over rounds (negative values are noise)."""
+    names = [n for n in next(iter(results.values())) if n + ONE_BATCH in next(iter(results.values()))]
+    lines = ["| method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for method, rounds in results.items():
+        cells = []
+        for n in names:
+            ratio = median_ratio(rounds[n], rounds[n + ONE_BATCH])
+            cells.append(f"{100 * (1 - ratio):.0f}%" if math.isfinite(ratio) else "n/a")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Entry point
 
@@ -496,6 +530,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a short run: kd and crd, fewer steps, no compilation on CPU")
     p.add_argument("--parallel", type=int, default=1, help="N processes at once; their images/s are summed")
     p.add_argument("--ours_only", action="store_true", help="skip the baseline")
+    p.add_argument(
+        "--fixed_batch",
+        action="store_true",
+        help="also time every configuration over one batch held in memory: the data pipeline's share of a step",
+    )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)  # a child of --parallel
     p.add_argument("--barrier", default=None, help=argparse.SUPPRESS)
@@ -588,6 +627,12 @@ def main(argv: list[str] | None = None) -> None:
         f"baseline: PIL + DataLoader with {opts.workers} workers, fp32\n"
     )
     print(table(results, settings, opts.parallel))
+    if opts.fixed_batch:
+        print(
+            "\nShare of a step spent in the data pipeline "
+            "(1 - images/s over the data / over one batch held in memory, median of rounds):\n"
+        )
+        print(data_share_table(results))
 
 
 if __name__ == "__main__":

@@ -122,3 +122,48 @@ def test_parallel_processes_time_rounds_together_and_sum(tmp_path: Path, capsys:
     assert list(rounds) == ["fp32"] and len(rounds["fp32"]) == 2 and all(v > 10 for v in rounds["fp32"])
     header = capsys.readouterr().out
     assert "(sum of 2 processes)" in header and "| kd | n/a | " in header  # no baseline with --ours_only
+
+
+def test_data_share_is_one_minus_the_median_ratio_to_the_one_batch_twin():
+    results = {
+        "crd": {
+            "baseline": [25.0, 30.0, 20.0],  # ratios 0.25, 0.30, 0.20: median 0.25
+            "baseline (one batch)": [100.0, 100.0, 100.0],
+            "fp32": [90.0, nan, 96.0],  # ratios 0.90, 0.96: median 0.93
+            "fp32 (one batch)": [100.0, 100.0, 100.0],
+        }
+    }
+    lines = benchmark.data_share_table(results).splitlines()
+    assert lines[0] == "| method | baseline | fp32 |"
+    assert lines[2] == "| crd | 75% | 7% |"
+
+
+@pytest.mark.slow
+def test_fixed_batch_twins_step_over_one_batch(tmp_path: Path, capsys: pytest.CaptureFixture):
+    if not TEACHER.is_file():
+        pytest.skip(f"needs the shared teacher {TEACHER}")
+    threads = torch.get_num_threads()
+    flags = ["--device", "cpu", "--methods", "kd", "--path_t", str(TEACHER), "--data_folder", str(DATA)]
+    try:
+        opts = benchmark.parse_args(flags)
+        run = benchmark.build_run(opts, "kd", benchmark.Setting(), tmp_path / "runs", "twin")
+        loop = benchmark.OursLoop(run)
+        twins = benchmark.with_one_batch_twins({"fp32": loop})
+        assert list(twins) == ["fp32", "fp32 (one batch)"] and twins["fp32"] is loop
+        twin = twins["fp32 (one batch)"]
+        assert twin.run is run and next(twin.batches) is next(twin.batches)  # the same batch, step after step
+        a, b = next(loop.batches), next(loop.batches)
+        assert not torch.equal(a.input, b.input)  # while the timed loop goes on through the data
+        out = tmp_path / "bench.json"
+        benchmark.main([
+            *flags, "--settings", "fp32+cl", "--steps", "1", "--rounds", "2", "--warmup", "0", "--workers", "0",
+            "--threads", "1", "--fixed_batch", "--json", str(out),
+        ])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    rounds = json.loads(out.read_text())["results"]["kd"]
+    assert list(rounds) == ["baseline", "baseline (one batch)", "fp32+channels_last", "fp32+channels_last (one batch)"]
+    assert all(len(v) == 2 and all(v_ > 10 for v_ in v) for v in rounds.values())
+    printed = capsys.readouterr().out.splitlines()
+    share = printed[printed.index("| method | baseline | fp32+channels_last |") + 2]
+    assert share.startswith("| kd | ") and share.count("%") == 2
