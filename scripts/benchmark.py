@@ -363,18 +363,61 @@ class FileBarrier:
             time.sleep(0.005)
 
 
+# A loop stops for good on these: a non-finite loss (our engine) or an SVD of non-finite features (KD-SVD; the
+# baseline, like RepDistiller, raises it where it meets it).
+DIVERGED = (NonFiniteLoss, torch.linalg.LinAlgError)
+
+
 def images_per_second(
     loop: OursLoop | BaselineLoop, steps: int, warmup: int, device: torch.device, barrier: FileBarrier | None
 ) -> float:
     """Run ``warmup`` steps, then time ``steps`` steps (with the other processes, under ``--parallel``)."""
-    loop.steps(warmup)
-    synchronize(device)
+    diverged = None
+    try:
+        loop.steps(warmup)
+        synchronize(device)
+    except DIVERGED as exc:
+        diverged = exc
     if barrier is not None:
-        barrier.wait()
+        barrier.wait()  # also after a failed warm-up: the processes' rounds stay in step
+    if diverged is not None:
+        raise diverged
     start = time.perf_counter()
     images = loop.steps(steps)
     synchronize(device)
     return images / (time.perf_counter() - start)
+
+
+def time_rounds(
+    loops: dict[str, OursLoop | BaselineLoop],
+    rounds: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    barrier: FileBarrier | None = None,
+    label: str = "",
+) -> dict[str, list[float]]:
+    """Images/s of every round for each loop, the loops alternating round by round; a loop that diverges gets
+    ``nan`` for that round and every later one while the others go on."""
+    results: dict[str, list[float]] = {name: [] for name in loops}
+    stopped: set[str] = set()
+    for r in range(rounds):
+        for name, loop in loops.items():
+            if name in stopped:
+                if barrier is not None:
+                    barrier.wait()
+                results[name].append(math.nan)
+                continue
+            try:
+                ips = images_per_second(loop, steps, warmup, device, barrier)
+            except DIVERGED as exc:
+                log.warning("%s %s: %s; n/a from here on", label, name, exc)
+                stopped.add(name)
+                results[name].append(math.nan)
+                continue
+            results[name].append(ips)
+            log.info("%s round %d/%d %s: %.1f images/s", label, r + 1, rounds, name, ips)
+    return results
 
 
 def measure_method(
@@ -402,23 +445,7 @@ def measure_method(
             loops[setting.label].steps(1)  # compile now, not inside a timed round
         if opts.fixed_batch:
             loops = with_one_batch_twins(loops)
-        rounds: dict[str, list[float]] = {name: [] for name in loops}
-        stopped: set[str] = set()
-        for r in range(opts.rounds):
-            for name, loop in loops.items():
-                if name in stopped:
-                    rounds[name].append(math.nan)
-                    continue
-                try:
-                    ips = images_per_second(loop, opts.steps, opts.warmup, opts.device, barrier)
-                except NonFiniteLoss as exc:  # n/a from here on; the other configurations go on
-                    log.warning("%s %s: %s (a trained teacher, --path_t, avoids this)", method, name, exc)
-                    stopped.add(name)
-                    rounds[name].append(math.nan)
-                    continue
-                rounds[name].append(ips)
-                log.info("%s round %d/%d %s: %.1f images/s", method, r + 1, opts.rounds, name, ips)
-        return rounds
+        return time_rounds(loops, opts.rounds, opts.steps, opts.warmup, opts.device, barrier, method)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -167,3 +167,41 @@ def test_fixed_batch_twins_step_over_one_batch(tmp_path: Path, capsys: pytest.Ca
     printed = capsys.readouterr().out.splitlines()
     share = printed[printed.index("| method | baseline | fp32+channels_last |") + 2]
     assert share.startswith("| kd | ") and share.count("%") == 2
+
+
+class FakeLoop:
+    """Counts steps; raises ``error`` at its ``fail_at``-th call of ``steps``."""
+
+    def __init__(self, fail_at: int | None = None, error: type[Exception] = RuntimeError) -> None:
+        self.calls, self.fail_at, self.error = 0, fail_at, error
+
+    def steps(self, n: int) -> int:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise self.error("diverged")
+        return 64 * n
+
+
+class CountingBarrier:
+    def __init__(self) -> None:
+        self.waits = 0
+
+    def wait(self) -> None:
+        self.waits += 1
+
+
+def test_a_diverged_loop_is_na_from_then_on_and_the_others_go_on():
+    loops = {
+        "baseline": FakeLoop(fail_at=4, error=torch.linalg.LinAlgError),  # round 2's timed steps (warm-up, timed)
+        "fp32": FakeLoop(fail_at=5, error=benchmark.NonFiniteLoss),  # round 3's warm-up
+        "fp32+channels_last": FakeLoop(),
+    }
+    barrier = CountingBarrier()
+    results = benchmark.time_rounds(loops, rounds=4, steps=2, warmup=1, device=torch.device("cpu"), barrier=barrier)
+    assert [math.isfinite(v) for v in results["baseline"]] == [True, False, False, False]
+    assert [math.isfinite(v) for v in results["fp32"]] == [True, True, False, False]
+    assert all(v > 0 for v in results["fp32+channels_last"]) and len(results["fp32+channels_last"]) == 4
+    assert loops["baseline"].calls == 4 and loops["fp32"].calls == 5  # never stepped again after diverging
+    assert barrier.waits == 3 * 4  # one wait per loop and round, diverged or not: parallel processes stay in step
+    with pytest.raises(RuntimeError, match="diverged"):  # anything else is a real failure
+        benchmark.time_rounds({"x": FakeLoop(fail_at=1)}, rounds=1, steps=1, warmup=1, device=torch.device("cpu"))
