@@ -517,7 +517,8 @@ def table(results: dict[str, dict[str, list[float]]], settings: list[Setting], p
 def data_share_table(results: dict[str, dict[str, list[float]]]) -> str:
     """For every configuration timed with ``--fixed_batch``: the share of a step that the data pipeline costs,
     ``1 - loop / one-batch`` images/s as the median over rounds (negative values are noise)."""
-    names = [n for n in next(iter(results.values())) if n + ONE_BATCH in next(iter(results.values()))]
+    configurations = next(iter(results.values()))
+    names = [n for n in configurations if n + ONE_BATCH in configurations]
     lines = ["| method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for method, rounds in results.items():
         cells = []

@@ -21,6 +21,14 @@ TEACHER = SHARED / "teachers" / "resnet56_vanilla" / "ckpt_epoch_240.pth"
 nan = math.nan
 
 
+@pytest.fixture
+def restore_threads():
+    """``benchmark.main`` sets torch's thread count (``--threads``) for the process: put it back afterwards."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize(
     ("text", "expected", "label"),
     [
@@ -85,19 +93,16 @@ def test_table_reports_best_and_median_speed_ups():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("restore_threads")
 def test_short_cpu_run_times_both_loops_for_kd_and_crd(tmp_path: Path, capsys: pytest.CaptureFixture):
     if not TEACHER.is_file():
         pytest.skip(f"needs the shared teacher {TEACHER}")
     out = tmp_path / "bench.json"
-    threads = torch.get_num_threads()
-    try:
-        benchmark.main([
-            "--device", "cpu", "--methods", "kd,crd", "--settings", "fp32,fp32+cl+fold", "--steps", "1",
-            "--rounds", "2", "--warmup", "0", "--workers", "0", "--threads", "1", "--nce_k", "256",
-            "--path_t", str(TEACHER), "--data_folder", str(DATA), "--json", str(out),
-        ])  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
+    benchmark.main([
+        "--device", "cpu", "--methods", "kd,crd", "--settings", "fp32,fp32+cl+fold", "--steps", "1",
+        "--rounds", "2", "--warmup", "0", "--workers", "0", "--threads", "1", "--nce_k", "256",
+        "--path_t", str(TEACHER), "--data_folder", str(DATA), "--json", str(out),
+    ])  # fmt: skip
     payload = json.loads(out.read_text())
     for method in ("kd", "crd"):
         rounds = payload["results"][method]
@@ -109,6 +114,7 @@ def test_short_cpu_run_times_both_loops_for_kd_and_crd(tmp_path: Path, capsys: p
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("restore_threads")
 def test_parallel_processes_time_rounds_together_and_sum(tmp_path: Path, capsys: pytest.CaptureFixture):
     if not TEACHER.is_file():
         pytest.skip(f"needs the shared teacher {TEACHER}")
@@ -139,28 +145,25 @@ def test_data_share_is_one_minus_the_median_ratio_to_the_one_batch_twin():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("restore_threads")
 def test_fixed_batch_twins_step_over_one_batch(tmp_path: Path, capsys: pytest.CaptureFixture):
     if not TEACHER.is_file():
         pytest.skip(f"needs the shared teacher {TEACHER}")
-    threads = torch.get_num_threads()
     flags = ["--device", "cpu", "--methods", "kd", "--path_t", str(TEACHER), "--data_folder", str(DATA)]
-    try:
-        opts = benchmark.parse_args(flags)
-        run = benchmark.build_run(opts, "kd", benchmark.Setting(), tmp_path / "runs", "twin")
-        loop = benchmark.OursLoop(run)
-        twins = benchmark.with_one_batch_twins({"fp32": loop})
-        assert list(twins) == ["fp32", "fp32 (one batch)"] and twins["fp32"] is loop
-        twin = twins["fp32 (one batch)"]
-        assert twin.run is run and next(twin.batches) is next(twin.batches)  # the same batch, step after step
-        a, b = next(loop.batches), next(loop.batches)
-        assert not torch.equal(a.input, b.input)  # while the timed loop goes on through the data
-        out = tmp_path / "bench.json"
-        benchmark.main([
-            *flags, "--settings", "fp32+cl", "--steps", "1", "--rounds", "2", "--warmup", "0", "--workers", "0",
-            "--threads", "1", "--fixed_batch", "--json", str(out),
-        ])  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
+    opts = benchmark.parse_args(flags)
+    run = benchmark.build_run(opts, "kd", benchmark.Setting(), tmp_path / "runs", "twin")
+    loop = benchmark.OursLoop(run)
+    twins = benchmark.with_one_batch_twins({"fp32": loop})
+    assert list(twins) == ["fp32", "fp32 (one batch)"] and twins["fp32"] is loop
+    twin = twins["fp32 (one batch)"]
+    assert twin.run is run and next(twin.batches) is next(twin.batches)  # the same batch, step after step
+    a, b = next(loop.batches), next(loop.batches)
+    assert not torch.equal(a.input, b.input)  # while the timed loop goes on through the data
+    out = tmp_path / "bench.json"
+    benchmark.main([
+        *flags, "--settings", "fp32+cl", "--steps", "1", "--rounds", "2", "--warmup", "0", "--workers", "0",
+        "--threads", "1", "--fixed_batch", "--json", str(out),
+    ])  # fmt: skip
     rounds = json.loads(out.read_text())["results"]["kd"]
     assert list(rounds) == ["baseline", "baseline (one batch)", "fp32+channels_last", "fp32+channels_last (one batch)"]
     assert all(len(v) == 2 and all(v_ > 10 for v_ in v) for v in rounds.values())
