@@ -219,3 +219,80 @@ queue_run() {
     fi
     rm -f "$failed"
 }
+
+# The distillation scripts' main program: their RECIPE_METHODS / RECIPE / TRIAL_PREFIX block (generated from
+# helper/published/recipes.csv) on PAIRS x TRIALS. Options: the shared ones, --methods "a b" (or method names as
+# arguments), --pairs "t:s ...". A pair without its own RECIPE line uses the method's "*" line; "skip": none.
+# EPOCHS scales each recipe's epochs (MLKD's 960 to 4 x EPOCHS) and moves the decay epochs to 5/8, 3/4, 7/8.
+queue_recipes_main() {
+    PAIRS="${PAIRS:-$PUBLISHED_PAIRS}" METHODS="${METHODS:-}" TRIALS="${TRIALS:-1}"
+    TEACHER_DIR="${TEACHER_DIR:-./save/models}"
+    TEACHER_TEMPLATE="${TEACHER_TEMPLATE:-$TEACHER_DIR/{arch\}_vanilla/ckpt_epoch_240.pth}"
+    while (($#)); do
+        case "$1" in
+            -h | --help) queue_usage && exit 0 ;;
+            --methods | --pairs)
+                if (($# < 2)); then echo "error: $1 needs a value" >&2 && exit 2; fi
+                if [[ "$1" == --methods ]]; then METHODS="$2"; else PAIRS="$2"; fi
+                shift 2
+                ;;
+            -*)
+                if ! queue_option "$@"; then echo "error: unknown option $1 (see --help)" >&2 && exit 2; fi
+                shift "$QUEUE_SHIFT"
+                ;;
+            *) METHODS="$METHODS $1" && shift ;;
+        esac
+    done
+    queue_check_options
+    local name pair trial
+    for name in $METHODS; do
+        if [[ " ${RECIPE_METHODS[*]} " != *" $name "* ]]; then
+            echo "error: unknown method '$name'; valid: ${RECIPE_METHODS[*]}" >&2
+            exit 2
+        fi
+    done
+    SELECTED=()
+    for name in "${RECIPE_METHODS[@]}"; do
+        if [[ -z "${METHODS// /}" || " $METHODS " == *" $name "* ]]; then SELECTED+=("$name"); fi
+    done
+    read -r -a pairs <<<"$PAIRS"
+    read -r -a trials <<<"$TRIALS"
+    SKIPPED=0
+    for trial in "${trials[@]}"; do
+        for pair in "${pairs[@]}"; do
+            if [[ "$pair" != *:* ]]; then echo "error: pair '$pair' is not teacher:student" >&2 && exit 2; fi
+            queue_teacher_path "${pair%%:*}"
+            for name in "${SELECTED[@]}"; do _queue_recipe "$name" "$pair" "$trial"; done
+        done
+    done
+    if ((SKIPPED > 0)); then echo "# $SKIPPED run(s) skipped: no published number on those pairs" >&2; fi
+    queue_check_teachers
+    queue_run
+}
+
+# One recipe on one pair: its flags, the EPOCHS override, then queue_add.
+_queue_recipe() {
+    local name=$1 pair=$2 trial=$3 i e
+    local spec=${RECIPE["$name|$pair"]:-${RECIPE["$name|*"]}}
+    if [[ "$spec" == skip ]]; then SKIPPED=$((SKIPPED + 1)) && return 0; fi
+    local -a flags
+    read -r -a flags <<<"$spec"
+    if [[ -n "$EPOCHS" && "$EPOCHS" != 240 ]]; then
+        local found=0
+        for i in "${!flags[@]}"; do
+            if [[ "${flags[i]}" == --epochs ]]; then
+                flags[i + 1]=$(((e = flags[i + 1] * EPOCHS / 240) > 0 ? e : 1)) found=1
+            fi
+        done
+        if ((!found)); then flags+=(--epochs "$EPOCHS"); fi
+        local decay=() frac num den
+        for frac in "5 8" "3 4" "7 8"; do
+            read -r num den <<<"$frac"
+            decay+=($(((e = EPOCHS * num / den) > 0 ? e : 1)))
+        done
+        flags+=(--lr_decay_epochs "${decay[0]},${decay[1]},${decay[2]}")
+    fi
+    queue_add "S-${pair#*:}_T-${pair%%:*}_${name}_${trial}${EPOCHS:+_ep$EPOCHS}" \
+        "$PYTHON" train_student.py --path_t "$TEACHER_PATH" --model_s "${pair#*:}" "${flags[@]}" \
+        --trial "${TRIAL_PREFIX[$name]:-}$trial" --resume auto "${EXTRA_ARGS[@]}"
+}
