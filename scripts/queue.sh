@@ -257,7 +257,7 @@ queue_recipes_main() {
     done
     read -r -a pairs <<<"$PAIRS"
     read -r -a trials <<<"$TRIALS"
-    SKIPPED=0
+    declare -gA SKIPPED=()
     for trial in "${trials[@]}"; do
         for pair in "${pairs[@]}"; do
             if [[ "$pair" != *:* ]]; then echo "error: pair '$pair' is not teacher:student" >&2 && exit 2; fi
@@ -265,7 +265,9 @@ queue_recipes_main() {
             for name in "${SELECTED[@]}"; do _queue_recipe "$name" "$pair" "$trial"; done
         done
     done
-    if ((SKIPPED > 0)); then echo "# $SKIPPED run(s) skipped: no published number on those pairs" >&2; fi
+    for name in "${!SKIPPED[@]}"; do
+        echo "# $name skipped on ${SKIPPED[$name]} pair(s): no published number there" >&2
+    done
     queue_check_teachers
     queue_run
 }
@@ -274,7 +276,7 @@ queue_recipes_main() {
 _queue_recipe() {
     local name=$1 pair=$2 trial=$3 i e
     local spec=${RECIPE["$name|$pair"]:-${RECIPE["$name|*"]}}
-    if [[ "$spec" == skip ]]; then SKIPPED=$((SKIPPED + 1)) && return 0; fi
+    if [[ "$spec" == skip ]]; then SKIPPED[$name]=$((${SKIPPED[$name]:-0} + 1)) && return 0; fi
     local -a flags
     read -r -a flags <<<"$spec"
     if [[ -n "$EPOCHS" && "$EPOCHS" != 240 ]]; then

@@ -1,0 +1,153 @@
+"""The recipe table (helper/published/recipes.csv): every row names its source, every recipe is a command the
+CLI accepts, the run scripts are generated from it and print its commands, the methods' defaults agree with it,
+and a run folder's flags are compared with it."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from distiller_zoo import get_method
+from helper import published, recipes
+
+ROOT = Path(__file__).resolve().parents[1]
+SWITCHES = ("--logit_stand", "--ctkd", "--two_views")
+
+
+def test_every_row_names_its_source():
+    rows = recipes.load()
+    assert len(rows) > 100
+    for row in rows:
+        assert row.repo and row.file and row.commit, row
+        # a git commit (40 hex digits), or an arXiv version for values that only a paper publishes
+        assert re.fullmatch(r"[0-9a-f]{40}", row.commit) or (row.repo.startswith("arXiv:") and row.commit[0] == "v")
+
+
+def test_a_row_without_a_source_or_set_twice_is_refused(tmp_path: Path):
+    text = (ROOT / "helper" / "published" / "recipes.csv").read_text().splitlines()
+    no_source = tmp_path / "a.csv"
+    no_source.write_text("\n".join([text[0], "kd,*,-r,0.1,,,,"]) + "\n")
+    with pytest.raises(recipes.RecipeError, match="repo, file and commit are required"):
+        recipes.load(no_source)
+    twice = tmp_path / "b.csv"
+    twice.write_text("\n".join([text[0], text[1], text[1]]) + "\n")
+    with pytest.raises(recipes.RecipeError, match="set twice"):
+        recipes.load(twice)
+
+
+@pytest.mark.parametrize("method", recipes.methods())
+def test_every_recipe_parses_and_validates_on_every_pair(method: str):
+    for teacher, student in published.PAIRS:
+        if recipes.skipped(method, teacher, student):
+            continue
+        args = recipes.parse(method, teacher, student)
+        argv = recipes.flags(method, teacher, student)
+        assert args.distill == argv[argv.index("--distill") + 1] and args.model_s == student
+        for epochs in (None, 24):  # also under the scripts' EPOCHS override
+            recipes.parse(method, teacher, student, epochs=epochs, trial=3)
+
+
+def test_scripts_are_the_table():
+    assert recipes.sync_scripts(write=False) == []
+    text = (ROOT / "scripts" / "run_cifar_newer.sh").read_text()
+    assert recipes.render_script("newer", text.replace("--dkd_beta 2", "--dkd_beta 3")) == text
+
+
+def _dry_run(script: str, **env: str) -> list[list[str]]:
+    result = subprocess.run(
+        ["bash", str(ROOT / script), "--dry-run"], env={"PATH": "/usr/bin:/bin", "PYTHON": "python", **env},
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return [shlex.split(line) for line in result.stdout.splitlines()]
+
+
+@pytest.mark.parametrize("script", list(recipes.SCRIPTS))
+@pytest.mark.parametrize("env", [{}, {"TRIALS": "1 2", "EPOCHS": "24", "EXTRA": "--amp bf16"}])
+def test_dry_run_prints_the_tables_commands(script: str, env: dict[str, str]):
+    trials = env.get("TRIALS", "1").split()
+    epochs = int(env["EPOCHS"]) if "EPOCHS" in env else None
+    extra = env.get("EXTRA", "").split()
+    expected = [
+        recipes.command(m, t, s, trial, epochs=epochs, extra=extra)
+        for trial in trials
+        for t, s in published.PAIRS
+        for m in recipes.methods(script)
+        if not recipes.skipped(m, t, s)
+    ]
+    assert _dry_run(recipes.SCRIPTS[script], **env) == expected
+
+
+def _weights(argv: list[str]) -> dict[str, float]:
+    names = {"-r": "gamma", "-a": "alpha", "-b": "beta"}
+    return {names[f]: float(argv[i + 1]) for i, f in enumerate(argv) if f in names}
+
+
+def test_methods_defaults_are_their_plain_recipes():
+    checked = []
+    for label in recipes.methods():
+        argv = recipes.flags(label)
+        distill = argv[argv.index("--distill") + 1]
+        if label not in (distill, f"{distill}-std") or any(s in argv for s in SWITCHES):
+            continue  # a variant (CRD+KD, KD+LS, MLKD's two views): not the method's defaults
+        defaults = get_method(distill).defaults
+        assert {k: defaults[k] for k in _weights(argv)} == _weights(argv), label
+        checked.append(label)
+    assert {"kd", "crd", "dkd", "reviewkd", "ofd", "simkd", "wttm", "mlkd-std"} <= set(checked)
+
+
+# The issue's corrections, read from the official files (cited in the table).
+@pytest.mark.parametrize(
+    ("method", "pair", "expected"),
+    [
+        ("mlkd", "resnet32x4:ShuffleV2", {"--epochs": "960", "--learning_rate": "0.01"}),
+        ("mlkd", "ResNet50:MobileNetV2", {"--epochs": "480", "--learning_rate": "0.01"}),
+        ("kd+ls", "resnet110:resnet20", {"--base_temp": "4", "-a": "12"}),
+        ("dkd+ls", "vgg13:vgg8", {"--base_temp": "2", "-b": "15", "--dkd_beta": "2"}),
+        ("dkd+ls", "resnet56:resnet20", {"--base_temp": "3", "-b": "18", "--dkd_beta": "2"}),
+        ("dkd+ls", "vgg13:MobileNetV2", {"--base_temp": "3", "-b": "9", "--dkd_beta": "2"}),
+        ("dkd+ls", "resnet32x4:resnet8x4", {"--base_temp": "2", "-b": "9"}),
+        ("mlkd+ls", "vgg13:vgg8", {"-b": "6", "--epochs": "480", "--learning_rate": "0.01"}),
+        ("mlkd+ls", "resnet32x4:ShuffleV1", {"-b": "9", "--epochs": "960"}),
+    ],
+)
+def test_corrected_values(method: str, pair: str, expected: dict[str, str]):
+    argv = recipes.flags(method, *pair.split(":"))
+    assert {f: argv[argv.index(f) + 1] for f in expected} == expected
+    if method == "dkd+ls" and "--dkd_beta" not in expected:
+        assert "--dkd_beta" not in argv  # DKD's default beta 8 (no BETA in the config, none in the log name)
+
+
+def _run_folder(tmp_path: Path, args: dict) -> Path:
+    folder = tmp_path / "run"
+    folder.mkdir(exist_ok=True)
+    (folder / "args.json").write_text(json.dumps({"args": args}))
+    return folder
+
+
+def test_a_runs_difference_from_its_recipe(tmp_path: Path):
+    args = vars(recipes.parse("dkd+ls", "resnet56", "resnet20", trial=4))
+    assert recipes.match(args, "resnet56", "resnet20") == ("dkd+ls", [])
+    changed = {**args, "dkd_beta": 8.0, "epochs": 24}
+    method, delta = recipes.match(changed, "resnet56", "resnet20")
+    assert method == "dkd+ls" and sorted(delta) == [("dkd_beta", 2.0, 8.0), ("epochs", 240, 24)]
+    plain = vars(recipes.parse("kd", "resnet56", "resnet20"))
+    assert recipes.match(plain, "resnet56", "resnet20") == ("kd", [])
+    folder = _run_folder(tmp_path, {**changed, "path_t": "save/models/resnet56_vanilla/ckpt_epoch_240.pth"})
+    assert recipes.read_run(folder)[1:] == ("resnet56", "resnet20")
+
+
+def test_command_line(capsys: pytest.CaptureFixture[str], tmp_path: Path):
+    assert recipes.main(["show", "dkd", "resnet56:resnet20"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert shlex.split(line) == recipes.command("dkd", "resnet56", "resnet20")
+    assert "--dkd_beta 2" in line
+    assert recipes.main(["show", "nope", "resnet56:resnet20"]) == 2
+    assert "no recipe named 'nope'" in capsys.readouterr().err
+    args = {**vars(recipes.parse("wttm", "vgg13", "vgg8")), "ttm_l": 0.3}
+    assert recipes.main(["diff", str(_run_folder(tmp_path, args))]) == 0
+    assert "--ttm_l: recipe 0.1, run 0.3" in capsys.readouterr().out
