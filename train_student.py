@@ -77,7 +77,7 @@ def build(args: argparse.Namespace) -> Run:
     student = prepare_model(dist.batchnorm(student, args.sync_bn, device), device, args)
     distiller.to(device)
     lr = effective_lr(args, args.model_s)
-    kd = kd_term(args).to(device)
+    kd = kd_term(args, distiller).to(device)  # with --ctkd: the method's learned temperature, if it has one
     main = Stage(
         "main",
         DistillObjective(student, teacher, distiller, weights.gamma, weights.alpha, weights.beta, kd),

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .base import Distiller, Shapes, register
 from .logit_modifiers import add_modifier_arguments, build_modifier
 
-__all__ = ["dkd_loss", "dkd_terms", "linear_warmup"]
+__all__ = ["dkd_loss", "dkd_terms", "linear_warmup", "warmup_epochs"]
 
 
 def linear_warmup(epoch: int, warmup_epochs: float) -> float:
@@ -63,6 +63,14 @@ def dkd_loss(
     return (alpha * tckd + beta * nckd).mean()
 
 
+def warmup_epochs(args: Any) -> float:
+    """``--dkd_warmup``, else mdistiller's 20 epochs (``CFG.DKD.WARMUP``), or none with ``--ctkd``: CTKD's
+    ``helper/loops.py`` applies ``criterion_kd`` (its ``DKDloss``) at full weight from the first epoch."""
+    if args.dkd_warmup is not None:
+        return args.dkd_warmup
+    return 0.0 if getattr(args, "ctkd", False) else 20.0
+
+
 @register
 class DKDDistiller(Distiller):
     """DKD on the logits, with the warm-up as a factor on the whole term.
@@ -89,7 +97,7 @@ class DKDDistiller(Distiller):
     def __init__(self, s_shapes: Shapes, t_shapes: Shapes, args: Any, n_data: int) -> None:
         super().__init__(s_shapes, t_shapes, args, n_data)
         self.alpha, self.beta, self.T = args.dkd_alpha, args.dkd_beta, args.dkd_T
-        self.warmup_epochs = args.dkd_warmup
+        self.warmup_epochs = warmup_epochs(args)
         self.warmup = 1.0  # until the engine's first set_epoch
         self.modifier = build_modifier(args, args.dkd_T)
 
@@ -99,7 +107,10 @@ class DKDDistiller(Distiller):
         group.add_argument("--dkd_alpha", type=float, default=1.0, help="DKD: weight of TCKD (mdistiller: 1)")
         group.add_argument("--dkd_beta", type=float, default=8.0, help="DKD: weight of NCKD (mdistiller: 8)")
         group.add_argument("--dkd_T", type=float, default=4.0, help="DKD: temperature (mdistiller: 4)")
-        group.add_argument("--dkd_warmup", type=float, default=20, help="DKD: linear warm-up epochs (mdistiller: 20)")
+        group.add_argument(
+            "--dkd_warmup", type=float, default=None,
+            help="DKD: linear warm-up epochs (default: mdistiller's 20; 0 with --ctkd, as CTKD's DKD has none)",
+        )  # fmt: skip
         add_modifier_arguments(parser)
 
     def set_epoch(self, epoch: int, stage: str) -> None:

@@ -180,12 +180,16 @@ def default_args(**overrides: Any) -> argparse.Namespace:
     return args
 
 
-def kd_term(args: Any) -> nn.Module:
+def kd_term(args: Any, method: nn.Module | None = None) -> nn.Module:
     """The module of the KD (``alpha``) term: RepDistiller's ``DistillKL(kd_T)``, or, with ``--logit_stand``
     or ``--ctkd``, the same KL on modified logits (``logit_modifiers.ModifiedKL``; with ``--ctkd`` it holds the
-    learned temperature, a parameter for the optimizer, and needs ``set_epoch(epoch, stage)`` every epoch)."""
+    learned temperature, a parameter for the optimizer, and needs ``set_epoch(epoch, stage)`` every epoch).
+    With ``--ctkd`` and a ``method`` that learns a temperature of its own (DKD, MLKD, DIST), the KD term uses
+    that one (CTKD learns a single temperature for both terms)."""
     from .KD import DistillKL
-    from .logit_modifiers import ModifiedKL, build_modifier
+    from .logit_modifiers import ModifiedKL, build_modifier, share_temperature
 
     modifier = build_modifier(args, args.kd_T)
+    if method is not None:
+        share_temperature(modifier, method)
     return DistillKL(args.kd_T) if modifier is None else ModifiedKL(modifier)

@@ -36,6 +36,7 @@ __all__ = [
     "add_modifier_arguments",
     "build_modifier",
     "cosine_reversal_weight",
+    "share_temperature",
     "standardize",
 ]
 
@@ -127,9 +128,15 @@ class LogitModifier(nn.Module):
         self.standardize_logits = standardize_logits
         self.temperature = temperature
         self.ctkd = ctkd
+        self._borrowed: tuple[CurriculumTemperature, ...] = ()  # another module's temperature (not registered)
 
     def temperature_now(self) -> torch.Tensor | float:
-        return self.ctkd() if self.ctkd is not None else self.temperature
+        learned = self.ctkd if self.ctkd is not None else next(iter(self._borrowed), None)
+        return learned() if learned is not None else self.temperature
+
+    def borrow_temperature(self, learned: CurriculumTemperature) -> None:
+        """Use ``learned`` (owned, trained and checkpointed by another module) instead of an own temperature."""
+        self.ctkd, self._borrowed = None, (learned,)
 
     def forward(self, z_s: torch.Tensor, z_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]:
         if self.standardize_logits:
@@ -172,6 +179,18 @@ def build_modifier(args: Any, temperature: float) -> LogitModifier | None:
             args.ctkd_t_start, args.ctkd_t_end, args.ctkd_decay_max, args.ctkd_decay_min, args.ctkd_decay_loops
         )
     return LogitModifier(ls, float(args.base_temp) if ls else float(temperature), learned)
+
+
+def share_temperature(modifier: LogitModifier | None, owner: nn.Module) -> None:
+    """With ``--ctkd``, let ``modifier`` (the KD term's) use the learned temperature of ``owner`` (a logit method:
+    DKD, MLKD, DIST) instead of learning a second one. CTKD's ``helper/loops.py`` computes one temperature per
+    step and passes it to both ``criterion_div`` (KD) and ``criterion_kd`` (its DKD). No-op when either has none.
+    """
+    if modifier is None or modifier.ctkd is None:
+        return
+    learned = next((m for m in owner.modules() if isinstance(m, CurriculumTemperature)), None)
+    if learned is not None:
+        modifier.borrow_temperature(learned)
 
 
 def softened_kl(z_s: torch.Tensor, z_t: torch.Tensor, T: torch.Tensor | float) -> torch.Tensor:

@@ -20,7 +20,8 @@ from distiller_zoo import DistillKL, PairError, get_method, kd_term
 from distiller_zoo.base import default_args
 from distiller_zoo.DIST import dist_loss, inter_class_relation, intra_class_relation
 from distiller_zoo.DKD import dkd_loss, dkd_terms
-from distiller_zoo.logit_modifiers import cosine_reversal_weight, standardize
+from distiller_zoo.DKD import warmup_epochs as dkd_warmup_epochs
+from distiller_zoo.logit_modifiers import cosine_reversal_weight, softened_kl, standardize
 from distiller_zoo.MLKD import batch_level_loss, class_level_loss, confidence_fraction, mlkd_loss
 from distiller_zoo.OFD import ofd_margin, partial_l2
 from distiller_zoo.ReviewKD import hcl_loss
@@ -76,7 +77,9 @@ def test_published_weights(name: str, weights: tuple[float, float, float]) -> No
 
 def test_method_flags_and_their_sources() -> None:
     a = default_args()
-    assert (a.dkd_alpha, a.dkd_beta, a.dkd_T, a.dkd_warmup) == (1.0, 8.0, 4.0, 20)  # mdistiller CFG.DKD
+    assert (a.dkd_alpha, a.dkd_beta, a.dkd_T, a.dkd_warmup) == (1.0, 8.0, 4.0, None)  # mdistiller CFG.DKD
+    assert (dkd_warmup_epochs(a), dkd_warmup_epochs(default_args(ctkd=True))) == (20.0, 0.0)  # CTKD: none
+    assert dkd_warmup_epochs(default_args(ctkd=True, dkd_warmup=5)) == 5
     assert (a.dist_beta, a.dist_gamma, a.dist_tau) == (2.0, 2.0, 4.0)
     assert (a.reviewkd_warmup, a.reviewkd_stu_preact, a.simkd_factor, a.ttm_l, a.mlkd_T) == (20, False, 2, 0.2, 4.0)
     assert (a.logit_stand, a.base_temp, a.ctkd) == (False, 2.0, False)  # LS-KD tools/train.py
@@ -201,6 +204,25 @@ def test_dkd_warmup_ramps_the_term() -> None:
     for epoch, factor in [(1, 1 / 20), (5, 5 / 20), (20, 1.0), (200, 1.0)]:
         method.set_epoch(epoch, "main")
         torch.testing.assert_close(method(out_s, out_t, batch), factor * full)
+
+
+def test_dkd_under_ctkd_has_no_warmup_and_shares_one_temperature_with_the_kd_term() -> None:
+    # CTKD helper/loops.py: one temperature per step, passed to criterion_div (KD) and criterion_kd (DKD).
+    args = default_args(ctkd=True, alpha=1.0)
+    method = get_method("dkd")([], [], args, 10).train()
+    term = kd_term(args, method).train()
+    assert [n for n, _ in term.named_parameters()] == []  # the method owns the one temperature
+    out_s, out_t, batch = logits_out(t(Z_S)), logits_out(t(Z_T)), batch_of(TARGET)
+    for m in (method, term):
+        m.set_epoch(1, "main")
+    with torch.no_grad():
+        method.modifier.ctkd.theta.fill_(0.3)
+    T = 1.0 + 20.0 * torch.sigmoid(torch.tensor(0.3))
+    expected = dkd_loss(t(Z_S), t(Z_T), torch.tensor(TARGET), 1.0, 8.0, T)  # full weight at epoch 1
+    torch.testing.assert_close(method(out_s, out_t, batch), expected)
+    torch.testing.assert_close(term(t(Z_S), t(Z_T)), softened_kl(t(Z_S), t(Z_T), T).mean())
+    alone = kd_term(args, get_method("kd")([], [], args, 10))  # KD has no temperature of its own: the term learns it
+    assert [n for n, _ in alone.named_parameters()] == ["modifier.ctkd.theta"]
 
 
 def test_dkd_with_logit_stand_uses_base_temp_and_ignores_student_scale() -> None:
