@@ -203,12 +203,24 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _effective(args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` with the flags whose ``None`` means "the published default" resolved: the loss weights (the
+    method's ``defaults``) and the learning rate (RepDistiller's per model)."""
+    from helper.options import effective_lr, loss_weights
+
+    ns = argparse.Namespace(**args)
+    w = loss_weights(ns)
+    return {**args, "gamma": w.gamma, "alpha": w.alpha, "beta": w.beta, "learning_rate": effective_lr(ns, ns.model_s)}
+
+
 def diff_from(args: dict[str, Any], method: str, teacher: str, student: str) -> list[tuple[str, Any, Any]]:
     """``(flag, recipe value, run value)`` for every training flag where a run's ``args`` differ from
-    ``method``'s published recipe on the pair (empty: the run is the recipe)."""
-    recipe = vars(parse(method, teacher, student, epochs=None))
+    ``method``'s published recipe on the pair (empty: the run is the recipe). A flag the run does not record
+    (an older ``args.json``) counts as the recipe's."""
+    recipe = _effective(vars(parse(method, teacher, student, epochs=None)))
+    run = _effective({**recipe, **args})
     keys = [k for k in recipe if k not in PLACE_FLAGS]
-    return [(k, recipe[k], args.get(k)) for k in keys if not _same(args.get(k, recipe[k]), recipe[k])]
+    return [(k, recipe[k], run[k]) for k in keys if not _same(run[k], recipe[k])]
 
 
 def match(args: dict[str, Any], teacher: str, student: str) -> tuple[str | None, list[tuple[str, Any, Any]]]:

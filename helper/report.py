@@ -305,9 +305,29 @@ class Group:
         return (None, basis) if ours is None else (ours.mean - pub.acc, basis)
 
     @property
+    def recipe_diff(self) -> list[tuple[str, Any, Any]] | None:
+        """How these runs' flags differ from the published recipe they follow (``helper.recipes``); ``None``
+        when no recipe of the table has their method and switches (or for vanilla runs)."""
+        if self.teacher is None or not self.runs:
+            return None
+        from helper import recipes
+
+        try:
+            method, delta = recipes.match(self.runs[0].args, self.teacher, self.student)
+        except (recipes.RecipeError, SystemExit, ValueError):  # args this checkout's parser does not accept
+            return None
+        return None if method is None else delta
+
+    @property
     def comparable(self) -> bool:
-        """Same protocol and method settings as the published number, so Δ means something."""
-        return self.protocol.standard and not self.method_flags and self.comparison[0] is not None
+        """Same protocol and method settings as the published number, so Δ means something: the runs are their
+        published recipe (the table's), or, without one, RepDistiller's protocol with the method's defaults."""
+        if self.comparison[0] is None:
+            return False
+        delta = self.recipe_diff
+        if delta is not None:
+            return not delta
+        return self.protocol.standard and not self.method_flags
 
 
 def group_key(run: RunRecord) -> tuple:

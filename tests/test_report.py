@@ -213,14 +213,18 @@ def test_method_flags_name_the_method_but_keep_the_protocol(tmp_path: Path):
     crd = dict(model_s="resnet20", model_t="resnet56", distill="crd", weights=(1.0, 0.0, 0.8))
     make_run(tmp_path, "crd_default", test_acc=71.0, **crd)
     make_run(tmp_path, "crd_small_k", test_acc=70.0, flags=("--nce_k", "4096"), **crd)
-    make_run(tmp_path, "kd_ls", test_acc=71.5, flags=("--logit_stand",), **KD)
+    ls = dict(KD, weights=(0.1, 9.0, 0.0))  # KD+LS's recipe on resnet56 -> resnet20: -a 9 (--base_temp 2)
+    make_run(tmp_path, "kd_ls", test_acc=71.5, flags=("--logit_stand",), **ls)
+    make_run(tmp_path, "kd_ls_kd_weights", test_acc=71.0, flags=("--logit_stand",), **KD)
     groups = report.group_runs(report.find_runs([tmp_path]))
-    assert [(g.label, g.protocol.label, g.comparable) for g in groups] == [
-        ("CRD", "240 ep, full data", True),
-        ("CRD (nce_k 4096)", "240 ep, full data", False),  # same table, but not RepDistiller's setting
-        ("KD+LS", "240 ep, full data", True),  # LS-KD reports the best epoch: compared with our best epoch
+    assert [(g.label, g.weights, g.comparable) for g in groups] == [
+        ("CRD", (1.0, 0.0, 0.8), True),
+        ("CRD (nce_k 4096)", (1.0, 0.0, 0.8), False),  # same table, but not RepDistiller's setting
+        ("KD+LS", (0.1, 0.9, 0.0), False),  # not LS-KD's recipe (helper.recipes: alpha 0.9, not 9)
+        ("KD+LS", (0.1, 9.0, 0.0), True),  # LS-KD reports the best epoch: compared with our best epoch
     ]
-    kd_ls = groups[2]
+    assert groups[1].recipe_diff == [("nce_k", 16384, 4096)] and groups[2].recipe_diff == [("alpha", 9.0, 0.9)]
+    kd_ls = groups[3]
     assert kd_ls.published.acc == 71.43 and kd_ls.comparison == (pytest.approx(71.5 - 71.43), "best")
 
 
