@@ -1,5 +1,6 @@
 """Many runs from one grid: expand it into train_student.py / train_teacher.py commands, skip the finished ones,
-run the rest with submitit (on a Slurm cluster, or on this machine), then write the result tables.
+run the rest with submitit on a Slurm cluster, or on this machine with scripts/queue.sh (the run scripts' runner),
+then write the result tables.
 
     python scripts/sweep.py --pairs resnet32x4:resnet8x4,resnet56:resnet20 --methods kd,crd --trials 1,2,3 \\
         --cluster slurm --partition gpu --time 720
@@ -261,30 +262,29 @@ def local_slots(gpus: list[int], gpus_per_run: int, runs_per_gpu: int) -> list[t
 
 
 def run_local(runs: list[RunSpec], opts: argparse.Namespace) -> list[str]:
-    """submitit's LocalExecutor, at most one run per slot at a time; returns the failures."""
-    import submitit
-
-    executor = submitit.LocalExecutor(folder=opts.log_dir)
+    """This machine's runs go through ``scripts/queue.sh``, the runner of the run scripts: one run per slot (a
+    GPU, or a group of ``--gpus_per_run`` GPUs, ``--runs_per_gpu`` times; without GPUs ``--runs_per_gpu`` runs
+    at once), one log per run in ``--log_dir``, Ctrl-C passed on to the runs (each saves a checkpoint). Returns
+    the runs that did not finish (no ``summary.json`` afterwards)."""
     slots = local_slots(opts.gpus, opts.gpus_per_run, opts.runs_per_gpu)
-    queue, active, failures = deque(runs), {}, []
-    log.info("%d runs on %d local slot(s); submitit logs in %s", len(runs), len(slots), opts.log_dir)
-    while queue or active:
-        for slot_id, slot in enumerate(slots):
-            if slot_id in active or not queue:
-                continue
-            run = queue.popleft()
-            executor.update_parameters(timeout_min=opts.time, gpus_per_node=len(slot), visible_gpus=list(slot))
-            job = executor.submit(RunCommand(run.command(opts.python, opts.gpus_per_run), os.getcwd(), run.label))
-            log.info(
-                "[start] %s%s (job %s)", f"GPU {','.join(map(str, slot))}: " if slot else "", run.label, job.job_id
-            )
-            active[slot_id] = (job, run)
-        for slot_id, (job, run) in list(active.items()):
-            if job.done():
-                del active[slot_id]
-                failures += _outcome(job, run)
-        time.sleep(opts.poll if active else 0)
-    return failures
+    groups = " ".join(dict.fromkeys(",".join(map(str, slot)) for slot in slots if slot))
+    lines = [f"source {shlex.quote(str(ROOT / 'scripts' / 'queue.sh'))}"]
+    lines += [f"queue_add {shlex.quote(r.folder.name)} {shlex.join(r.command(opts.python, opts.gpus_per_run))}" for r in runs]
+    lines.append("queue_run")
+    env = {**os.environ, "GPUS": groups, "JOBS_PER_GPU": str(opts.runs_per_gpu), "LOG_DIR": str(opts.log_dir),
+           "DRY_RUN": "0", "EXTRA": ""}  # fmt: skip
+    log.info("%d runs on %d local slot(s) (scripts/queue.sh); logs in %s", len(runs), len(slots), opts.log_dir)
+    try:  # the queue's progress lines go beside this tool's log, on stderr
+        out: int | None = sys.stderr.fileno()
+    except (OSError, ValueError, AttributeError):
+        out = None
+    queue = subprocess.Popen(["bash", "-c", "\n".join(lines)], env=env, stdout=out)
+    try:
+        queue.wait()
+    except KeyboardInterrupt:  # the queue got the signal as well: it stops the runs, which save a checkpoint
+        queue.wait()
+        raise
+    return [r.label for r in runs if not r.finished]
 
 
 def run_slurm(runs: list[RunSpec], opts: argparse.Namespace) -> list[str] | None:
@@ -355,14 +355,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     p.add_argument("--teacher_template", help=f"checkpoint of a teacher named by architecture ({DEFAULT_TEMPLATE})")
     p.add_argument("--save_dir", help="root of the run folders (default ./save), passed to every run")
     p.add_argument("--report_out", type=Path, help="result tables (default <save_dir>/results)")
-    p.add_argument("--log_dir", type=Path, help="submitit's job logs (default <save_dir>/sweep_logs)")
+    p.add_argument("--log_dir", type=Path, help="job logs: one per run (local), submitit's (Slurm) (default <save_dir>/sweep_logs)")
     p.add_argument("--cluster", choices=["local", "slurm"], default=None, help="where runs execute (local)")
     p.add_argument("--gpus", help="local: GPU ids to use, comma-separated (default: every visible GPU)")
     p.add_argument("--runs_per_gpu", type=int, help="local: runs at once per GPU (or on the CPU) (default 1)")
     p.add_argument("--gpus_per_run", type=int, help="GPUs per run; > 1: torchrun, one run over them (default 1)")
     p.add_argument("--partition", help="Slurm partition")
     p.add_argument("--cpus_per_run", type=int, help="Slurm: CPUs per run (default 8)")
-    p.add_argument("--time", type=int, help="minutes per run before requeue/timeout (default 1440)")
+    p.add_argument("--time", type=int, help="Slurm: minutes per run before requeue/timeout (default 1440)")
     p.add_argument("--mem", type=int, help="Slurm: GB of memory per run (default: the partition's)")
     p.add_argument("--array_parallelism", type=int, help="Slurm: runs of the array at once (default 64)")
     p.add_argument("--one_job_per_run", action="store_true", help="Slurm: separate jobs instead of a job array")

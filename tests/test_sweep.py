@@ -1,11 +1,13 @@
 """scripts/sweep.py: the grid expands into the command-line tools' runs (their own folder names), finished runs
-are skipped, and a small grid runs end to end with submitit's local executor on the CPU and is tabulated."""
+are skipped, and a small grid runs end to end with scripts/queue.sh (the local runner) on the CPU and is tabulated."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -158,7 +160,8 @@ def test_a_small_grid_runs_locally_is_tabulated_and_a_rerun_skips_it(tmp_path):
     assert "KD" in table and "CRD" in table
     rows = (tmp_path / "save" / "results" / "results.csv").read_text().splitlines()
     assert len(rows) == 3  # a header and one row per method
-    assert list((tmp_path / "save" / "sweep_logs").glob("*_log.out"))  # submitit's job logs
+    # scripts/queue.sh, the run scripts' runner, ran them: one log per run, named by its folder
+    assert sorted(p.stem for p in (tmp_path / "save" / "sweep_logs").glob("*.log")) == [f.name for f in folders]
 
     stamps = [(f / "summary.json").stat().st_mtime_ns for f in folders]
     again = run_sweep(*argv, cwd=tmp_path)
@@ -167,3 +170,26 @@ def test_a_small_grid_runs_locally_is_tabulated_and_a_rerun_skips_it(tmp_path):
     assert [(f / "summary.json").stat().st_mtime_ns for f in folders] == stamps
     marked = run_sweep(*argv, "--dry_run", cwd=tmp_path).stdout.splitlines()
     assert all(line.startswith("# finished: ") for line in marked)
+
+
+def test_local_runs_go_through_the_run_scripts_queue(tmp_path, monkeypatch):
+    """--cluster local hands the commands to scripts/queue.sh: GPU groups as its GPUS, --runs_per_gpu as its
+    JOBS_PER_GPU, one queue_add per run (named by the run folder), and reports the runs left unfinished."""
+    seen = {}
+
+    class FakeQueue:
+        def __init__(self, argv, env, stdout):
+            seen.update(script=argv[2], env=env)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", FakeQueue)
+    runs = sweep.expand(config())
+    opts = argparse.Namespace(gpus=[0, 1, 2, 3], gpus_per_run=2, runs_per_gpu=3, log_dir=tmp_path, python="py")
+    assert sweep.run_local(runs, opts) == [r.label for r in runs]  # nothing ran: every run is unfinished
+    assert (seen["env"]["GPUS"], seen["env"]["JOBS_PER_GPU"]) == ("0,1 2,3", "3")
+    lines = seen["script"].splitlines()
+    assert lines[0].endswith("scripts/queue.sh") and lines[-1] == "queue_run"
+    assert [shlex.split(line)[1] for line in lines[1:-1]] == [r.folder.name for r in runs]
+    assert shlex.split(lines[1])[2:] == runs[0].command("py", 2)
