@@ -55,7 +55,7 @@ def test_every_recipe_parses_and_validates_on_every_pair(method: str):
 def test_scripts_are_the_table():
     assert recipes.sync_scripts(write=False) == []
     text = (ROOT / "scripts" / "run_cifar_newer.sh").read_text()
-    assert recipes.render_script("newer", text.replace("--dkd_beta 2", "--dkd_beta 3")) == text
+    assert recipes.render("scripts/run_cifar_newer.sh", text.replace("--dkd_beta 2", "--dkd_beta 3")) == text
 
 
 def _dry_run(script: str, **env: str) -> list[list[str]]:
@@ -151,3 +151,14 @@ def test_command_line(capsys: pytest.CaptureFixture[str], tmp_path: Path):
     args = {**vars(recipes.parse("wttm", "vgg13", "vgg8")), "ttm_l": 0.3}
     assert recipes.main(["diff", str(_run_folder(tmp_path, args))]) == 0
     assert "--ttm_l: recipe 0.1, run 0.3" in capsys.readouterr().out
+
+
+def test_readme_method_table_shows_the_defaults():
+    """README's method table: each method's first ``-r / -a / -b`` triple is its ``defaults`` (which the test
+    above checks against the table)."""
+    text = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| `([a-z0-9_+-]+)` \| [^|]+ \| ([0-9.e-]+) / ([0-9.e-]+) / ([0-9.e-]+)", text, re.M)
+    assert len(rows) >= 20
+    for name, *weights in rows:
+        d = get_method(name).defaults
+        assert [float(w) for w in weights] == [d["gamma"], d["alpha"], d["beta"]], name
