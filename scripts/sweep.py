@@ -36,8 +36,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,7 +267,9 @@ def run_local(runs: list[RunSpec], opts: argparse.Namespace) -> list[str]:
     slots = local_slots(opts.gpus, opts.gpus_per_run, opts.runs_per_gpu)
     groups = " ".join(dict.fromkeys(",".join(map(str, slot)) for slot in slots if slot))
     lines = [f"source {shlex.quote(str(ROOT / 'scripts' / 'queue.sh'))}"]
-    lines += [f"queue_add {shlex.quote(r.folder.name)} {shlex.join(r.command(opts.python, opts.gpus_per_run))}" for r in runs]
+    for run in runs:
+        argv = run.command(opts.python, opts.gpus_per_run)
+        lines.append(f"queue_add {shlex.quote(run.folder.name)} {shlex.join(argv)}")
     lines.append("queue_run")
     env = {**os.environ, "GPUS": groups, "JOBS_PER_GPU": str(opts.runs_per_gpu), "LOG_DIR": str(opts.log_dir),
            "DRY_RUN": "0", "EXTRA": ""}  # fmt: skip
@@ -355,7 +355,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     p.add_argument("--teacher_template", help=f"checkpoint of a teacher named by architecture ({DEFAULT_TEMPLATE})")
     p.add_argument("--save_dir", help="root of the run folders (default ./save), passed to every run")
     p.add_argument("--report_out", type=Path, help="result tables (default <save_dir>/results)")
-    p.add_argument("--log_dir", type=Path, help="job logs: one per run (local), submitit's (Slurm) (default <save_dir>/sweep_logs)")
+    p.add_argument("--log_dir", type=Path, help="job logs, one per run (default <save_dir>/sweep_logs)")
     p.add_argument("--cluster", choices=["local", "slurm"], default=None, help="where runs execute (local)")
     p.add_argument("--gpus", help="local: GPU ids to use, comma-separated (default: every visible GPU)")
     p.add_argument("--runs_per_gpu", type=int, help="local: runs at once per GPU (or on the CPU) (default 1)")
