@@ -16,6 +16,14 @@ The run scripts ``scripts/run_cifar_distill.sh`` and ``scripts/run_cifar_newer.s
     python -m helper.recipes show dkd resnet56:resnet20     # the training command
     python -m helper.recipes diff save/student_model/RUN    # how a run's args.json differs from its recipe
     python -m helper.recipes list                           # every method and its script
+
+Adding a method's recipe: append its rows to ``recipes.csv`` (``NAME,*,@script,newer,...``, then
+``NAME,*,--distill,NAME,...`` and its weights and parameters, each with repo, file and commit; a pair whose
+value differs gets its own row, e.g. ``NAME,resnet56:resnet20,-b,2,...``), run ``python -m helper.recipes
+scripts --write`` (the run script's block and the table in ``newer_recipes.md``), then ``tests/test_recipes.py``
+(the command of every pair must pass the CLI's validation, and a label equal to its ``--distill`` must have the
+method's ``defaults`` as its ``*`` weights). Other code asks this module: ``flags(method, teacher, student)`` for
+the flags, ``command(...)`` for the whole command.
 """
 
 from __future__ import annotations
