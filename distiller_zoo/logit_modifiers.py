@@ -15,6 +15,9 @@ Which losses use them: the KD term of every method (``kd_term`` in ``base.py``, 
 with ``--ctkd_t_start/--ctkd_t_end/--ctkd_decay_max/--ctkd_decay_min/--ctkd_decay_loops`` (CTKD's
 ``train_student.py``: ``--have_mlp 1 --mlp_name global`` and ``--t_start/--t_end/--decay_*``).
 
+With ``--ctkd``, a logit method's temperature is also the KD term's (``share_temperature``): CTKD learns one
+temperature per step and passes it to both terms.
+
 LS-KD's third flag, ``--kd-weight`` (9), sets the weight of the modified term; here that weight is the
 term's own weight: ``-a`` for the KD term, ``-b`` for DKD and MLKD (see ``helper/published/newer_recipes.md``).
 """
