@@ -221,11 +221,17 @@ def _effective(args: dict[str, Any]) -> dict[str, Any]:
     return {**args, "gamma": w.gamma, "alpha": w.alpha, "beta": w.beta, "learning_rate": effective_lr(ns, ns.model_s)}
 
 
+@functools.cache
+def _recipe_args(method: str, teacher: str, student: str) -> dict[str, Any]:
+    """The recipe's parsed flags with the defaults it leaves to the method resolved (cached: read-only)."""
+    return _effective(vars(parse(method, teacher, student)))
+
+
 def diff_from(args: dict[str, Any], method: str, teacher: str, student: str) -> list[tuple[str, Any, Any]]:
     """``(flag, recipe value, run value)`` for every training flag where a run's ``args`` differ from
     ``method``'s published recipe on the pair (empty: the run is the recipe). A flag the run does not record
     (an older ``args.json``) counts as the recipe's."""
-    recipe = _effective(vars(parse(method, teacher, student, epochs=None)))
+    recipe = _recipe_args(method, teacher, student)
     run = _effective({**recipe, **args})
     keys = [k for k in recipe if k not in PLACE_FLAGS]
     return [(k, recipe[k], run[k]) for k in keys if not _same(run[k], recipe[k])]
@@ -238,7 +244,7 @@ def match(args: dict[str, Any], teacher: str, student: str) -> tuple[str | None,
     for method in methods():
         if skipped(method, teacher, student):
             continue
-        recipe = vars(parse(method, teacher, student))
+        recipe = _recipe_args(method, teacher, student)
         if any(bool(recipe[k]) != bool(args.get(k)) if k != "distill" else recipe[k] != args.get(k)
                for k in RECIPE_SWITCHES):  # fmt: skip
             continue
