@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The newer methods' CIFAR-100 tables: OFD, ReviewKD, DKD, DIST, KD+CTKD, KD+LS, DKD+LS, MLKD, MLKD+LS (both with
-# MLKD's two views), MLKD-std (its loss, one view), SimKD, WTTM on RepDistiller's 13 teacher/student pairs, each
-# with its published recipe. The flags and the source of every value are in helper/published/newer_recipes.md.
+# MLKD's two views), MLKD-std (its loss, one view), SimKD, WTTM, LumiNet, RLD, CRLD (two views) on RepDistiller's
+# 13 teacher/student pairs, each with its published recipe. The flags and the source of every value are in
+# helper/published/newer_recipes.md.
 #
 #   scripts/run_cifar_newer.sh                                  # every method on every pair
 #   scripts/run_cifar_newer.sh dkd kd+ls                        # only these methods
@@ -10,7 +11,8 @@
 #
 # Options (flag or environment variable), besides those listed in scripts/queue.sh:
 #   --methods "a b"   METHODS          a subset of: ofd reviewkd dkd dist kd+ctkd kd+ls dkd+ls mlkd mlkd+ls
-#                                      mlkd-std simkd wttm (default: all); names may also be given as arguments
+#                                      mlkd-std simkd wttm luminet rld crld (default: all); names may also be
+#                                      given as arguments
 #   --pairs "t:s ..." PAIRS            teacher:student pairs (default: the 13 published ones)
 #   TEACHER_DIR / TEACHER_TEMPLATE     where the teachers are, as in scripts/run_cifar_distill.sh
 # EPOCHS shortens every schedule (MLKD's 480-epoch recipes to twice EPOCHS) and scales the LR decay epochs
@@ -20,7 +22,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/queue.sh
 source scripts/queue.sh
 
-ALL_METHODS=(ofd reviewkd dkd dist kd+ctkd kd+ls dkd+ls mlkd mlkd+ls mlkd-std simkd wttm)
+ALL_METHODS=(ofd reviewkd dkd dist kd+ctkd kd+ls dkd+ls mlkd mlkd+ls mlkd-std simkd wttm luminet rld crld)
 PAIRS="${PAIRS:-$PUBLISHED_PAIRS}"
 METHODS="${METHODS:-}"
 TRIALS="${TRIALS:-1}"
@@ -131,6 +133,18 @@ wttm_values() {
   esac
 }
 
+# LumiNet's "alpha T CE-weight": official configs/cifar100/luminet/*.yaml (cfg.py defaults 31, 4, 2 elsewhere).
+luminet_values() {
+  case "$1>$2" in
+    "resnet32x4>resnet8x4") echo "33 4 2" ;;
+    "ResNet50>MobileNetV2" | "vgg13>MobileNetV2") echo "70 8 2" ;;
+    "vgg13>vgg8") echo "70 8 1" ;;
+    "wrn_40_2>ShuffleV1") echo "35 4 1" ;;
+    "wrn_40_2>wrn_40_1") echo "75 8 1" ;;
+    *) echo "31 4 2" ;;
+  esac
+}
+
 recipe() { # method teacher student -> train_student.py flags
   local method=$1 teacher=$2 student=$3 T W G L
   case "$method" in
@@ -158,6 +172,12 @@ recipe() { # method teacher student -> train_student.py flags
       read -r G W <<<"$(wttm_values "$teacher" "$student")"
       echo "--distill wttm -r 1 -a 0 -b $W --ttm_l $G"
       ;;
+    luminet)
+      read -r W T G <<<"$(luminet_values "$teacher" "$student")"
+      echo "--distill luminet -r $G -a 0 -b 1 --luminet_alpha $W --luminet_T $T"
+      ;;
+    rld) echo "--distill rld -r 1 -a 0 -b 1" ;;
+    crld) echo "--distill crld --two_views -r 1 -a 0 -b 1" ;;
     *)
       echo "unknown method '$method'; one of: ${ALL_METHODS[*]}" >&2
       return 1
