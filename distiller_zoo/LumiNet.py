@@ -54,7 +54,9 @@ class LumiNetDistiller(Distiller):
     """
 
     name = "luminet"
-    paper = "LumiNet: Perception-Driven Knowledge Distillation via Statistical Logit Calibration (arXiv 2310.03669, 2023)"
+    paper = (
+        "LumiNet: Perception-Driven Knowledge Distillation via Statistical Logit Calibration (arXiv 2310.03669, 2023)"
+    )
     defaults = {"gamma": 2.0, "alpha": 0.0, "beta": 1.0}
 
     def __init__(self, s_shapes: Shapes, t_shapes: Shapes, args: Any, n_data: int) -> None:

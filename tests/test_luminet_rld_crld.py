@@ -47,7 +47,9 @@ def randn(seed: int, *shape: int, scale: float = 3.0) -> torch.Tensor:
 
 
 def test_published_defaults_and_flags() -> None:
-    weights = {n: tuple(get_method(n).defaults[k] for k in ("gamma", "alpha", "beta")) for n in ("luminet", "rld", "crld")}
+    weights = {
+        n: tuple(get_method(n).defaults[k] for k in ("gamma", "alpha", "beta")) for n in ("luminet", "rld", "crld")
+    }
     assert weights == {"luminet": (2.0, 0.0, 1.0), "rld": (1.0, 0.0, 1.0), "crld": (2.0, 0.0, 1.0)}
     a = default_args()
     assert (a.luminet_alpha, a.luminet_T, a.luminet_warmup) == (31.0, 4.0, 20)  # LumiNet cfg.py SOLVER, LUMINET
@@ -110,7 +112,9 @@ def test_rld_by_hand() -> None:
     got_scd, got_mcd = rld_terms(t(Z_S), t(Z_T), torch.tensor(TARGET), T, aT)
     torch.testing.assert_close(got_scd, torch.tensor(scd))
     torch.testing.assert_close(got_mcd, torch.tensor(mcd))
-    torch.testing.assert_close(rld_loss(t(Z_S), t(Z_T), torch.tensor(TARGET), 1.0, 8.0, T, aT), torch.tensor(scd + 8 * mcd))
+    torch.testing.assert_close(
+        rld_loss(t(Z_S), t(Z_T), torch.tensor(TARGET), 1.0, 8.0, T, aT), torch.tensor(scd + 8 * mcd)
+    )
 
 
 def test_rld_teacher_splits_at_its_own_top_class() -> None:
