@@ -24,7 +24,9 @@ def perception(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """``(z - mean_B(z)) / sqrt(var_B(z) + eps)`` per class over the batch (B, C); biased variance.
 
     As the official ``mdistiller/distillers/Luminet.py`` ``perception`` (``torch.var(..., unbiased=False)``,
-    ``epsilon=1e-5`` inside the square root): a BatchNorm without affine parameters, in training mode.
+    ``epsilon=1e-5`` inside the square root): a BatchNorm without affine parameters, in training mode. The
+    statistics are those of the batch the loss sees: one process's share under distributed training, as one
+    replica's share under the official ``DataParallel``. A batch of one image standardises to 0 (no loss).
     """
     z = z.float()
     mean = z.mean(dim=0, keepdim=True)  # (1, C)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from shared_paths import DATA, SHARED
 from test_cli import SMALL, only_folder, run
+from test_scripts import _newer, flag
 
 from dataset.batch import Batch
 from distiller_zoo import get_method
@@ -190,6 +191,25 @@ def test_two_views_accepted_by_crld_refused_by_rld() -> None:
         validate_student_args(parse(["--path_t", "t.pth", "--distill", "rld", "--two_views"]))
     two = student_run_folder(parse(["--path_t", "t.pth", "--distill", "crld", "--two_views"]), "resnet56")
     assert two.name.endswith("_2v")
+
+
+# ------------------------------------------------------------------------------------------ recipes
+
+
+def test_recipe_script_passes_the_official_per_pair_values() -> None:
+    lumi = _newer("luminet")  # LumiNet configs/cifar100/luminet/*.yaml: (ALPHA, T, CE_WEIGHT)
+    expected = {("resnet32x4", "resnet8x4"): ("33", "4", "2"), ("vgg13", "vgg8"): ("70", "8", "1"),
+                ("vgg13", "MobileNetV2"): ("70", "8", "2"), ("wrn_40_2", "wrn_40_1"): ("75", "8", "1"),
+                ("wrn_40_2", "ShuffleV1"): ("35", "4", "1"), ("resnet56", "resnet20"): ("31", "4", "2")}  # fmt: skip
+    for pair, values in expected.items():
+        assert (flag(lumi[pair], "--luminet_alpha"), flag(lumi[pair], "--luminet_T"), flag(lumi[pair], "-r")) == values
+    rld, crld = _newer("rld"), _newer("crld")
+    assert all(
+        (flag(c, "-r"), flag(c, "-a"), flag(c, "-b")) == ("1", "0", "1") for c in [*rld.values(), *crld.values()]
+    )
+    assert all("--two_views" in c for c in crld.values()) and not any("--two_views" in c for c in rld.values())
+    for cmd in [*lumi.values(), *rld.values(), *crld.values()]:  # every recipe is a valid command line
+        validate_student_args(student_parser().parse_args(cmd[cmd.index("--path_t") :]))
 
 
 # ------------------------------------------------------------------------------------------ command line
