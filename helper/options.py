@@ -99,7 +99,7 @@ def student_parser() -> argparse.ArgumentParser:
         "--two_views",
         action="store_true",
         help="MLKD's protocol: every image as a weak (crop, flip) and a strong (+ RandAugment, Cutout) view; "
-        "methods with a two-view loss only (mlkd)",
+        f"only methods with a two-view loss ({', '.join(n for n in method_names() if get_method(n).two_views)})",
     )
     add_method_arguments(parser)
     return parser

@@ -86,6 +86,9 @@ METHOD_LABELS = {
     "reviewkd++": "ReviewKD++",
     "mlkd": "MLKD",
     "mlkd+ls": "MLKD+LS",
+    "luminet": "LumiNet",
+    "rld": "RLD",
+    "crld": "CRLD",
 }
 
 

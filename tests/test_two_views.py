@@ -108,7 +108,7 @@ def test_objective_runs_both_networks_on_both_views() -> None:
 
 def test_other_methods_refuse_two_views() -> None:
     args = student_parser().parse_args(["--path_t", "t.pth", "--distill", "kd", "--two_views"])
-    with pytest.raises(UsageError, match="--two_views: kd has no two-view loss; methods with one: mlkd"):
+    with pytest.raises(UsageError, match="--two_views: kd has no two-view loss; methods with one: crld, mlkd"):
         validate_student_args(args)
     assert not get_method("dkd").two_views and get_method("mlkd").two_views
 
