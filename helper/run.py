@@ -408,6 +408,7 @@ def _fit(run: Run, resume_path: Path | None) -> dict[str, Any]:
         log.info("resuming %s from %s: stage %s, epoch %d, step %d", run.folder, resume_path, *start)
     elif main_process:
         write_json(run.folder / "args.json", {"args": vars(args), **run.config, **run.dist.record()})
+        recorder.truncate_after("init", 0)  # rows of a start killed before its first checkpoint
     log.info("run folder: %s", run.folder)
 
     stop = _StopFlag(repeat_grace=5.0 if run.dist.enabled else 0.0)

@@ -18,7 +18,8 @@ Nothing here changes what the script computes.
 ``python fault_points.py --serve`` imports torch and the project once, then for each request line on stdin
 (JSON: ``argv``, ``env``, ``cwd``, ``log``) forks a fresh process that runs ``argv`` with the faults of ``env``
 (stdout and stderr to ``log``), waits for it, and answers a line ``{"rc": ...}`` (``-9`` for SIGKILL): a run
-then costs no interpreter start and no torch import (5-7 s each on a loaded 2-core machine).
+then costs no interpreter start and no import of torch, ``torch._inductor`` (which ``--deterministic`` imports)
+or TensorBoard: 10-20 s each on a loaded 2-core machine.
 """
 
 from __future__ import annotations
@@ -149,6 +150,9 @@ def _child(request: dict) -> None:
 
 
 def serve() -> None:
+    import torch._inductor  # noqa: F401  (torch.use_deterministic_algorithms imports it: 3-10 s)
+    import torch.utils.tensorboard  # noqa: F401  (the run's records)
+
     for line in sys.stdin:
         request = json.loads(line)
         sys.stdout.flush()

@@ -5,7 +5,7 @@ three phases of every checkpoint write), chosen by label, so a test says exactly
 are processes forked from one server that imported torch once (``fault_points.py --serve``); with
 ``KD_DRILL_FRESH=1`` every run is a fresh interpreter instead.
 
-The fault drill (:func:`test_fault_drill`): a short CRD run (resnet8 student, the shared resnet20 teacher, 200
+The fault drill (:func:`test_fault_drill`): a short CRD run (resnet8 student, the shared resnet20 teacher, 100
 images, 3 epochs) killed with SIGKILL ``KD_DRILL_KILLS`` times (20 by default) in one chain, each kill followed at
 once by ``--resume auto``. The kill points are drawn with ``random.Random(KD_DRILL_SEED)`` (0) from the labels an
 uninterrupted run reaches: 30% training steps, 20% evaluation batches (the teacher's at start-up included), 50%
@@ -54,7 +54,7 @@ BASE = [
 EPOCHS = 3
 CRD = [
     str(ROOT / "train_student.py"), "--path_t", str(TEACHER), "--distill", "crd", "--model_s", "resnet8",
-    "-a", "0", "-b", "0.8", "--nce_k", "64", "--train_size", "200", "--test_size", "100", "--batch_size", "64",
+    "-a", "0", "-b", "0.8", "--nce_k", "64", "--train_size", "100", "--test_size", "100", "--batch_size", "25",
     "--eval_batch_size", "50", "--data_folder", str(DATA), "--deterministic", "--device", "cpu", "--save_freq", "2",
 ]  # fmt: skip
 TIMING = {"epoch_time", "images_per_sec"}  # metrics that differ between identical runs
@@ -260,7 +260,7 @@ def test_a_full_disk_loses_nothing_written_and_is_one_clear_line(runner, referen
 def test_resume_auto_with_a_longer_schedule_extends_the_finished_run(runner, reference, tmp_path):
     ref, _ = reference
     rc, out, short = crd_run(runner, tmp_path, epochs=1)
-    assert rc == 0 and short.name.endswith("_ep1_n200_test100"), out[-3000:]
+    assert rc == 0 and short.name.endswith("_ep1_n100_test100"), out[-3000:]
     first = short.name
     for epochs in (2, 3):  # 1 epoch, extended to 2, then to 3
         rc, out, folder = crd_run(runner, tmp_path, "--resume", "auto", epochs=epochs)
