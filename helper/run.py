@@ -238,7 +238,8 @@ def _resume_path(folder: Path, args: argparse.Namespace) -> Path | None:
 def _extend(folder: Path, args: argparse.Namespace, main: bool) -> None:
     """Extending a run: its folder name carries the schedule (``_ep<N>``, see ``helper.options``), so this
     run's folder under the longest shorter ``--epochs`` that exists is renamed to ``folder`` (one atomic
-    rename, done under that folder's lock), and the run resumes there from its ``latest.pth``."""
+    rename, done under that folder's lock), and the run resumes there from its ``latest.pth``. Its
+    ``summary.json`` goes: the run is finished again when the longer schedule is."""
     shorter = {n: p for n, p in schedule_variants(folder, args).items() if n < args.epochs}
     sources = [shorter[n] for n in sorted(shorter, reverse=True) if (shorter[n] / "args.json").exists()]
     if not sources:
@@ -259,6 +260,7 @@ def _extend(folder: Path, args: argparse.Namespace, main: bool) -> None:
             f"move {folder} away"
         ) from None
     _LOCKS[folder.resolve()] = _LOCKS.pop(source.resolve())
+    (folder / "summary.json").unlink(missing_ok=True)  # not finished until the longer schedule is
     log.info("extending %s to --epochs %d: renamed to %s", source, args.epochs, folder)
 
 
