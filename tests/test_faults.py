@@ -219,7 +219,8 @@ def test_fault_drill(runner, reference, tmp_path):
     assert rc == 0, out[-3000:]
     assert_same_run(folder, ref)
     assert files(folder) == files(ref)  # no lock, no temporary file, nothing missing
-    assert partial_writes_seen > 0  # kills inside writes did leave temporary files, removed since
+    if any(label.endswith((":partial", ":unrenamed")) for label in chosen):
+        assert partial_writes_seen > 0  # kills inside writes did leave temporary files, removed since
     print(f"fault drill: {len(chosen)} SIGKILLs survived at {chosen}; 0 unreadable checkpoints")
 
 
