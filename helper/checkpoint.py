@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -48,9 +49,39 @@ def save_atomic(obj: dict[str, Any], path: str | os.PathLike) -> None:
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(exc.errno, f"no space left to write {path}; the previous checkpoint is intact") from exc
+        full = _disk_full(exc)
+        if full:
+            raise OSError(full, f"no space left to write {path}; the previous checkpoint is intact") from exc
         raise
+
+
+def _disk_full(exc: BaseException | None) -> int:
+    """ENOSPC or EDQUOT if ``exc`` is, or was raised while handling, a full disk: ``torch.save`` turns the
+    ``OSError`` of a failed write into a ``RuntimeError`` ("unexpected pos ...") with the ``OSError`` as context."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc.errno
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return 0
+
+
+# save_atomic's temporary files: "." + the checkpoint's name + "." + tempfile.mkstemp's 8 random characters + ".tmp".
+_PARTIAL_WRITE = re.compile(r"\..+\.pth\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_partial_writes(folder: str | os.PathLike) -> int:
+    """Delete the temporary files of checkpoint writes killed before their rename (in ``folder`` only, and only
+    :func:`save_atomic`'s name pattern); returns how many. Call it while holding the run folder's lock."""
+    removed = 0
+    for path in Path(folder).iterdir():
+        if _PARTIAL_WRITE.fullmatch(path.name) and path.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
+    if removed:
+        log.info("removed %d partial checkpoint write(s) left by an interrupted run in %s", removed, folder)
+    return removed
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

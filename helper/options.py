@@ -9,6 +9,7 @@ below and stored under names of their own.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +181,29 @@ def _protocol_suffix(args: argparse.Namespace) -> str:
     if getattr(args, "two_views", False):
         parts.append("2v")
     return "".join(f"_{p}" for p in parts)
+
+
+def schedule_variants(folder: Path, args: argparse.Namespace) -> dict[int, Path]:
+    """The existing folders of the run in ``folder`` under another ``--epochs``, by their epochs: the names
+    differ in the ``_ep<N>`` part of the protocol suffix alone (none for 240). With ``--run_name`` the name does
+    not depend on the schedule: nothing."""
+    if args.run_name or not folder.parent.is_dir():
+        return {}
+    suffix = _protocol_suffix(args)
+    prefix = folder.name[: len(folder.name) - len(suffix)]
+    found = {}
+    for path in folder.parent.glob(glob.escape(prefix) + "*"):
+        middle = path.name[len(prefix) :]
+        epochs = _epochs_of(middle) or 240  # checked below: the name must be the one of that schedule
+        variant = argparse.Namespace(**{**vars(args), "epochs": epochs})
+        if epochs != args.epochs and path.is_dir() and prefix + _protocol_suffix(variant) == path.name:
+            found[epochs] = path
+    return found
+
+
+def _epochs_of(suffix: str) -> int:
+    digits = suffix[3:].split("_", 1)[0] if suffix.startswith("_ep") else ""
+    return int(digits) if digits.isdigit() else 0
 
 
 def teacher_run_folder(args: argparse.Namespace) -> Path:

@@ -20,6 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
+
 import numpy as np
 import torch
 from torch import nn
@@ -28,7 +34,7 @@ from dataset import DeviceLoader
 from helper import checkpoint as ckpt_io
 from helper.distributed import Distributed
 from helper.engine import Objective, Precision, StepControl, evaluate, train_one_epoch
-from helper.options import UsageError
+from helper.options import UsageError, schedule_variants
 from helper.records import Recorder, environment, write_json
 
 log = logging.getLogger("kd")
@@ -187,7 +193,12 @@ class _StopFlag:
 
 
 def prepare_folder(folder: Path, args: argparse.Namespace) -> Path | None:
-    """Create the run folder, refusing to overwrite another run; returns the checkpoint to resume from."""
+    """Create the run folder and lock it for the life of this process (:func:`lock_folder`), refusing to
+    overwrite another run; returns the checkpoint to resume from. ``--resume auto`` with a longer ``--epochs``
+    first takes over this run's folder of the shorter schedule (:func:`_extend`)."""
+    main = int(os.environ.get("RANK", "0")) == 0  # torchrun's rank 0 alone locks and writes the folder
+    if args.resume == "auto" and not (folder / "args.json").exists():
+        _extend(folder, args, main)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write_test.{os.getpid()}"  # per process: the processes of one run probe at once
@@ -195,11 +206,18 @@ def prepare_folder(folder: Path, args: argparse.Namespace) -> Path | None:
         probe.unlink()
     except OSError as exc:
         raise UsageError(f"--save_dir {args.save_dir}: cannot write the run folder {folder} ({exc.strerror})") from None
-    lock = folder / "run.lock"
-    if lock.exists():
-        pid = int(lock.read_text().strip() or 0)
-        if pid and _alive(pid) and pid != os.getpid():
-            raise UsageError(f"run folder {folder} is in use by process {pid}; wait for it or choose another --trial")
+    if not main:
+        return _resume_path(folder, args)
+    lock_folder(folder)
+    try:
+        ckpt_io.remove_partial_writes(folder)
+        return _resume_path(folder, args)
+    except BaseException:
+        release_folder(folder)
+        raise
+
+
+def _resume_path(folder: Path, args: argparse.Namespace) -> Path | None:
     started = (folder / "args.json").exists()
     if args.resume is None:
         if started:
@@ -217,22 +235,104 @@ def prepare_folder(folder: Path, args: argparse.Namespace) -> Path | None:
     return Path(args.resume)
 
 
+def _extend(folder: Path, args: argparse.Namespace, main: bool) -> None:
+    """Extending a run: its folder name carries the schedule (``_ep<N>``, see ``helper.options``), so this
+    run's folder under the longest shorter ``--epochs`` that exists is renamed to ``folder`` (one atomic
+    rename, done under that folder's lock), and the run resumes there from its ``latest.pth``. Its
+    ``summary.json`` goes: the run is finished again when the longer schedule is."""
+    shorter = {n: p for n, p in schedule_variants(folder, args).items() if n < args.epochs}
+    sources = [shorter[n] for n in sorted(shorter, reverse=True) if (shorter[n] / "args.json").exists()]
+    if not sources:
+        return
+    source = sources[0]
+    if not main:  # wait for rank 0's rename (torchrun ends this process if rank 0 fails)
+        deadline = time.monotonic() + 300
+        while source.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return
+    lock_folder(source)
+    try:
+        os.rename(source, folder)  # replaces an empty ``folder``, fails on one that holds files
+    except OSError as exc:
+        release_folder(source)
+        raise UsageError(
+            f"--resume auto: cannot extend {source} to --epochs {args.epochs} in {folder} ({exc.strerror}); "
+            f"move {folder} away"
+        ) from None
+    _LOCKS[folder.resolve()] = _LOCKS.pop(source.resolve())
+    (folder / "summary.json").unlink(missing_ok=True)  # not finished until the longer schedule is
+    log.info("extending %s to --epochs %d: renamed to %s", source, args.epochs, folder)
+
+
+# Run folders this process holds the lock of: resolved folder -> descriptor of its open ``run.lock``.
+_LOCKS: dict[Path, int] = {}
+
+
+def lock_folder(folder: Path) -> None:
+    """Hold an exclusive ``flock`` on ``folder/run.lock`` until :func:`release_folder` or this process ends.
+
+    The kernel drops the lock when the process dies, however it dies (``kill -9`` included), so a killed
+    run's folder can be resumed at once; a PID written in the file only names the holder in the message.
+    The lock file is removed on release while still locked; a process that locked a removed file sees it
+    and tries again, so two processes never hold locks on different files of one folder.
+    """
+    key = folder.resolve()
+    held = _LOCKS.get(key)
+    if held is not None and _same_file(held, folder / "run.lock"):
+        return
+    if held is not None:  # the folder was removed and made again under us
+        os.close(_LOCKS.pop(key))
+    path = folder / "run.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not _try_lock(fd):
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            who = f"process {holder}" if holder.isdigit() else "another process"
+            raise UsageError(f"run folder {folder} is in use by {who}; wait for it or choose another --trial")
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # released and removed between our open and our lock: lock the new file
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _LOCKS[key] = fd
+
+
+def release_folder(folder: Path) -> None:
+    """Remove ``folder/run.lock`` and release it (no-op if this process does not hold it)."""
+    fd = _LOCKS.pop(folder.resolve(), None)
+    if fd is None:
+        return
+    if _same_file(fd, folder / "run.lock"):
+        with contextlib.suppress(OSError):
+            (folder / "run.lock").unlink()
+    os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:  # Windows: a byte-range lock, also released by the system when the process ends
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError:
+        return False
+    return True
+
+
 def _finished_epochs(summary: Path) -> int:
     """The schedule length a finished run trained for (a longer --epochs continues it)."""
     try:
         return int(json.loads(summary.read_text()).get("epochs", 0))
     except (OSError, ValueError, TypeError):
         return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _check_resumable(state: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
@@ -272,16 +372,14 @@ def _state(run: Run, stage: Stage, epoch: int, step: int, best: dict[str, Any], 
 
 def fit(run: Run) -> dict[str, Any]:
     """Train every stage of ``run`` (resuming if asked), then write ``summary.json``; returns it."""
-    lock = run.folder / "run.lock"
     run.dist.barrier()  # every process has checked the run folder before rank 0 writes to it
     if run.dist.is_main:
-        lock.write_text(str(os.getpid()))
+        lock_folder(run.folder)  # held since prepare_folder() (a no-op then)
     try:
         return _fit(run, run.resume_path)
     finally:
         if run.dist.is_main:
-            with contextlib.suppress(OSError):
-                lock.unlink()
+            release_folder(run.folder)
 
 
 def _fit(run: Run, resume_path: Path | None) -> dict[str, Any]:
@@ -308,9 +406,11 @@ def _fit(run: Run, resume_path: Path | None) -> dict[str, Any]:
                 stage.optimizer.load_state_dict(state["optimizer"])
         if main_process:
             recorder.truncate_after(state["stage"], state["epoch"])
+            _record_schedule(run.folder, args.epochs, state["args"].get("epochs"))
         log.info("resuming %s from %s: stage %s, epoch %d, step %d", run.folder, resume_path, *start)
     elif main_process:
         write_json(run.folder / "args.json", {"args": vars(args), **run.config, **run.dist.record()})
+        recorder.truncate_after("init", 0)  # rows of a start killed before its first checkpoint
     log.info("run folder: %s", run.folder)
 
     stop = _StopFlag(repeat_grace=5.0 if run.dist.enabled else 0.0)
@@ -371,6 +471,17 @@ def _fit(run: Run, resume_path: Path | None) -> dict[str, Any]:
     return summary
 
 
+def _record_schedule(folder: Path, epochs: int, previous: Any) -> None:
+    """A run extended to a longer ``--epochs``: ``args.json`` gives the new schedule and the earlier ones."""
+    path = folder / "args.json"
+    if previous == epochs or not path.exists():
+        return
+    record = json.loads(path.read_text())
+    record["args"]["epochs"] = epochs
+    record["extended_from_epochs"] = [*record.get("extended_from_epochs", []), previous]
+    write_json(path, record)
+
+
 def _progress(total: int, desc: str) -> Callable[[Any], Any]:
     """A tqdm bar when attached to a terminal, nothing otherwise."""
     if not sys.stderr.isatty():
@@ -406,10 +517,15 @@ def _epoch_row(run: Run, stage: Stage, epoch: int, lr: float, stats: dict, best:
 
 
 def _save(run: Run, stage: Stage, epoch: int, best: dict, skipped: int, row: dict) -> None:
+    """The epoch's published files, then ``latest.pth``: a resume starts from ``latest.pth``, so a kill at any
+    moment either redoes this epoch (and rewrites its files) or finds every one of them written."""
     state = _state(run, stage, epoch, 0, best, skipped)
+    if stage.name == "main":
+        _save_published(run, stage, epoch, best, row, state)
     ckpt_io.save_atomic(state, run.folder / "latest.pth")
-    if stage.name != "main":
-        return
+
+
+def _save_published(run: Run, stage: Stage, epoch: int, best: dict, row: dict, state: dict[str, Any]) -> None:
     if epoch % run.args.save_freq == 0 or epoch == stage.epochs:
         ckpt_io.save_atomic(state, run.folder / f"ckpt_epoch_{epoch}.pth")
     if best.pop("new_best", False):
