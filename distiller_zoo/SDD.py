@@ -90,7 +90,7 @@ class _SDDBase(Distiller):
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         if not any(a.dest == "sdd_scales" for a in parser._actions):
             parser.add_argument_group("SDD").add_argument(
-                "--sdd_scales", type=str, default="1,2,4",
+                "--sdd_scales", type=parse_scales, default="1,2,4",
                 help="SDD: pooling scales of the last map (official --M; [1,2,4] for most pairs)",
             )  # fmt: skip
 

@@ -323,6 +323,7 @@ def _dot_step(terms: Terms, optimizer: torch.optim.Optimizer) -> None:
     (``--dot`` refuses ``--amp fp16`` and several processes)."""
     task = [w * v.float() for name, (w, v) in terms.items() if name == "ce"]
     distill = [w * v.float() for name, (w, v) in terms.items() if name != "ce"]
+    optimizer.zero_grad(set_to_none=True)
     if distill:
         sum(distill).backward(retain_graph=bool(task))
     optimizer.step_kd()
