@@ -86,6 +86,9 @@ METHOD_LABELS = {
     "reviewkd++": "ReviewKD++",
     "mlkd": "MLKD",
     "mlkd+ls": "MLKD+LS",
+    "sdd_kd": "SD-KD",
+    "sdd_dkd": "SD-DKD",
+    "wkd_l": "WKD-L",
 }
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The newer methods' CIFAR-100 tables: OFD, ReviewKD, DKD, DIST, KD+CTKD, KD+LS, DKD+LS, MLKD, MLKD+LS (both with
-# MLKD's two views), MLKD-std (its loss, one view), SimKD, WTTM on RepDistiller's 13 teacher/student pairs, each
-# with its published recipe. The flags and the source of every value are in helper/published/newer_recipes.md.
+# MLKD's two views), MLKD-std (its loss, one view), SimKD, WTTM, SD-KD, SD-DKD, WKD-L and KD+DOT on RepDistiller's
+# 13 teacher/student pairs, each with its published recipe. The flags and the source of every value are in helper/published/newer_recipes.md.
 #
 #   scripts/run_cifar_newer.sh                                  # every method on every pair
 #   scripts/run_cifar_newer.sh dkd kd+ls                        # only these methods
@@ -10,7 +10,8 @@
 #
 # Options (flag or environment variable), besides those listed in scripts/queue.sh:
 #   --methods "a b"   METHODS          a subset of: ofd reviewkd dkd dist kd+ctkd kd+ls dkd+ls mlkd mlkd+ls
-#                                      mlkd-std simkd wttm (default: all); names may also be given as arguments
+#                                      mlkd-std simkd wttm sdd_kd sdd_dkd wkd_l kd+dot (default: all); names may
+#                                      also be given as arguments
 #   --pairs "t:s ..." PAIRS            teacher:student pairs (default: the 13 published ones)
 #   TEACHER_DIR / TEACHER_TEMPLATE     where the teachers are, as in scripts/run_cifar_distill.sh
 # EPOCHS shortens every schedule (MLKD's 480-epoch recipes to twice EPOCHS) and scales the LR decay epochs
@@ -20,7 +21,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/queue.sh
 source scripts/queue.sh
 
-ALL_METHODS=(ofd reviewkd dkd dist kd+ctkd kd+ls dkd+ls mlkd mlkd+ls mlkd-std simkd wttm)
+ALL_METHODS=(ofd reviewkd dkd dist kd+ctkd kd+ls dkd+ls mlkd mlkd+ls mlkd-std simkd wttm sdd_kd sdd_dkd wkd_l kd+dot)
 PAIRS="${PAIRS:-$PUBLISHED_PAIRS}"
 METHODS="${METHODS:-}"
 TRIALS="${TRIALS:-1}"
@@ -131,6 +132,24 @@ wttm_values() {
   esac
 }
 
+# SDD's pooling scales (--sdd_scales, official --M): the authors' teacher_*.sh commands use [1,2] for
+# resnet32x4->resnet8x4 and vgg13->vgg8, [1,2,4] for the cross-family pairs; [1,2,4] where they give none (ours).
+sdd_scales() {
+  case "$1>$2" in
+    "resnet32x4>resnet8x4" | "vgg13>vgg8") echo "1,2" ;;
+    *) echo "1,2,4" ;;
+  esac
+}
+
+# WKD-L's WD weight and temperature: official configs/cifar100/wkd_l/*.yaml (600 and 8 of res32x4_res8x4.yaml
+# where no config exists: ours). The cosine decay starts at 150 of 240 epochs, scaled with EPOCHS.
+wkd_values() {
+  case "$1>$2" in
+    "wrn_40_2>ShuffleV1") echo "200 6" ;;
+    *) echo "600 8" ;;
+  esac
+}
+
 recipe() { # method teacher student -> train_student.py flags
   local method=$1 teacher=$2 student=$3 T W G L
   case "$method" in
@@ -158,6 +177,15 @@ recipe() { # method teacher student -> train_student.py flags
       read -r G W <<<"$(wttm_values "$teacher" "$student")"
       echo "--distill wttm -r 1 -a 0 -b $W --ttm_l $G"
       ;;
+    sdd_kd) echo "--distill sdd_kd -r 0.1 -a 0 -b 0.9 --sdd_scales $(sdd_scales "$teacher" "$student")" ;;
+    sdd_dkd)
+      echo "--distill sdd_dkd -r 1 -a 0 -b 1 --dkd_beta $(dkd_beta "$teacher" "$student") --sdd_scales $(sdd_scales "$teacher" "$student")"
+      ;;
+    wkd_l)
+      read -r W T <<<"$(wkd_values "$teacher" "$student")"
+      echo "--distill wkd_l -r 1 -a 0 -b 1 --wkd_weight $W --wkd_T $T --wkd_decay_epoch $((BASE_EPOCHS * 5 / 8))"
+      ;;
+    kd+dot) echo "--distill kd --dot -r 0.1 -a 0.9 -b 0" ;;
     *)
       echo "unknown method '$method'; one of: ${ALL_METHODS[*]}" >&2
       return 1
