@@ -14,9 +14,9 @@ from torch import nn
 
 import distiller_zoo
 import models
+from dataset import DeviceLoader
 from dataset.batch import Batch
 from distiller_zoo import PairError, get_method, method_names
-from dataset import DeviceLoader
 from distiller_zoo.base import Distiller, default_args, parameters_of
 from helper.engine import teacher_forward
 

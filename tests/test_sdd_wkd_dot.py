@@ -24,7 +24,6 @@ from distiller_zoo.DOT import DistillationOrientedTrainer
 from distiller_zoo.SDD import complementary_weights, kd_rows, parse_scales, region_logits, sdd_loss
 from distiller_zoo.WKD import cka_cost_matrix, non_target, sinkhorn_distance, wkd_logit_loss
 from helper.engine import _dot_step, teacher_forward
-from models import FeatureOutput
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
