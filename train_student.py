@@ -55,6 +55,8 @@ log = logging.getLogger("kd")
 def build(args: argparse.Namespace) -> Run:
     validate_student_args(args)
     dist, device = distributed.setup(args.device)  # torchrun's processes, else one
+    if args.dot and dist.enabled:
+        raise UsageError("--dot runs in one process only (its two backward passes per step are not DDP's)")
     seed = seed_of(args)
     seed_everything(seed, args.deterministic)
     method = get_method(args.distill)
@@ -81,8 +83,6 @@ def build(args: argparse.Namespace) -> Run:
     distiller.bind_student(student)
     if method.needs_train_pass:
         distiller.prepare(teacher, data.train_loader, folder)
-    if args.dot and dist.enabled:
-        raise UsageError("--dot runs in one process only (its two backward passes per step are not DDP's)")
     lr = effective_lr(args, args.model_s)
     kd = kd_term(args).to(device)
     main = Stage(
