@@ -70,6 +70,11 @@ def parse_scales(text: str) -> tuple[int, ...]:
     return scales
 
 
+def scales_flag(text: str) -> str:
+    """The ``--sdd_scales`` value, checked and written ``"1,2,4"`` (a string, so ``args.json`` round-trips)."""
+    return ",".join(str(v) for v in parse_scales(text))
+
+
 def _classifier(model: nn.Module) -> nn.Linear:
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears or not hasattr(model, "pre_pool"):
@@ -82,7 +87,7 @@ class _SDDBase(Distiller):
 
     def __init__(self, s_shapes: Shapes, t_shapes: Shapes, args: Any, n_data: int) -> None:
         super().__init__(s_shapes, t_shapes, args, n_data)
-        self.scales = args.sdd_scales if isinstance(args.sdd_scales, tuple) else parse_scales(args.sdd_scales)
+        self.scales = parse_scales(args.sdd_scales)
         self._maps: dict[str, torch.Tensor] = {}  # the latest pre_pool map of each network
         self._heads: dict[str, nn.Linear] = {}  # not submodules: neither is trained or saved here
 
@@ -90,7 +95,7 @@ class _SDDBase(Distiller):
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         if not any(a.dest == "sdd_scales" for a in parser._actions):
             parser.add_argument_group("SDD").add_argument(
-                "--sdd_scales", type=parse_scales, default="1,2,4",
+                "--sdd_scales", type=scales_flag, default="1,2,4",
                 help="SDD: pooling scales of the last map (official --M; [1,2,4] for most pairs)",
             )  # fmt: skip
 
