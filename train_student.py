@@ -20,12 +20,14 @@ import sys  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 
 from distiller_zoo import get_method, kd_term  # noqa: E402
+from distiller_zoo.DOT import dot_optimizer  # noqa: E402
 from helper import checkpoint as ckpt_io  # noqa: E402
 from helper import distributed  # noqa: E402
 from helper.data import build_data  # noqa: E402
 from helper.engine import DistillObjective, InitObjective, Precision, evaluate  # noqa: E402
 from helper.fold import fold_batchnorm  # noqa: E402
 from helper.options import (
+    UsageError,
     effective_lr,
     loss_weights,
     lr_decay_epochs,
@@ -53,6 +55,8 @@ log = logging.getLogger("kd")
 def build(args: argparse.Namespace) -> Run:
     validate_student_args(args)
     dist, device = distributed.setup(args.device)  # torchrun's processes, else one
+    if args.dot and dist.enabled:
+        raise UsageError("--dot runs in one process only (its two backward passes per step are not DDP's)")
     seed = seed_of(args)
     seed_everything(seed, args.deterministic)
     method = get_method(args.distill)
@@ -76,12 +80,15 @@ def build(args: argparse.Namespace) -> Run:
     teacher = prepare_model(teacher, device, args)
     student = prepare_model(dist.batchnorm(student, args.sync_bn, device), device, args)
     distiller.to(device)
+    distiller.bind_student(student)
+    if method.needs_train_pass:
+        distiller.prepare(teacher, data.train_loader, folder)
     lr = effective_lr(args, args.model_s)
     kd = kd_term(args, distiller).to(device)  # with --ctkd: the method's learned temperature, if it has one
     main = Stage(
         "main",
         DistillObjective(student, teacher, distiller, weights.gamma, weights.alpha, weights.beta, kd),
-        sgd([student, *distiller.trainable_modules(), kd], lr, args),
+        (dot_optimizer if args.dot else sgd)([student, *distiller.trainable_modules(), kd], lr, args),
         args.epochs,
         lr_schedule(lr, lr_decay_epochs(args), args.lr_decay_rate),
         on_epoch=lambda epoch: [m.set_epoch(epoch, "main") for m in (distiller, kd) if hasattr(m, "set_epoch")],

@@ -40,6 +40,11 @@ Optional hooks (no-ops by default):
   (SimKD keeps a projector and the teacher's classifier). Its extra parameters are reported.
 * ``bind_teacher(teacher)``: called once after construction with the frozen teacher, for methods that
   read its modules (OFD's BN statistics, SimKD's classifier).
+* ``bind_student(student)``: called once with the student (after ``bind_teacher``), for methods that
+  read what its modules compute besides the features (SDD hooks the map before the classifier's pooling).
+* ``prepare(teacher, train_loader, folder)``: called once before training when ``needs_train_pass`` is set,
+  with the frozen teacher, the training loader (a ``dataset.DeviceLoader``: its ``images``, ``labels``) and the
+  run folder, for what a method derives from the teacher over the training set (WKD-L's class-cost matrix).
 * ``set_stage(stage)``: switch which parts train (``"init"`` or ``"main"``); methods with an init stage
   also switch from ``set_epoch`` so that a resumed run is in the right stage.
 * ``init_lr(args, student_name)``: the init stage's learning rate when it is not the main one (FT).
@@ -70,6 +75,7 @@ class Distiller(nn.Module):
     has_loss: ClassVar[bool] = True
     init_stage: ClassVar[bool] = False
     two_views: ClassVar[bool] = False  # defines forward_views: a loss over a weak and a strong view (--two_views)
+    needs_train_pass: ClassVar[bool] = False  # prepare() reads the teacher over the training set (WKD-L)
 
     def __init__(self, s_shapes: Shapes, t_shapes: Shapes, args: Any, n_data: int) -> None:
         super().__init__()
@@ -113,6 +119,12 @@ class Distiller(nn.Module):
 
     def bind_teacher(self, teacher: nn.Module) -> None:
         """Receive the frozen teacher; no-op by default."""
+
+    def bind_student(self, student: nn.Module) -> None:
+        """Receive the student; no-op by default."""
+
+    def prepare(self, teacher: nn.Module, train_loader: Any, folder: Any) -> None:
+        """Derive what the method needs from the teacher over the training set; no-op by default."""
 
     def init_lr(self, args: Any, student_name: str) -> float | None:
         """The init stage's learning rate; ``None`` (the default) means the main learning rate."""
@@ -168,6 +180,9 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--init_epochs", type=int, default=30, help="init stage of abound, factor and fsp")
     for name in method_names():
         REGISTRY[name].add_arguments(parser)
+    from .DOT import add_dot_arguments  # the DOT optimizer serves every method
+
+    add_dot_arguments(parser)
 
 
 def default_args(**overrides: Any) -> argparse.Namespace:

@@ -284,11 +284,14 @@ def train_one_epoch(
             # update never reaches a checkpoint because the run stops here.
             _raise_if_nonfinite(pending, label, epoch)
         optimizer.zero_grad(set_to_none=True)
-        # DDP averages the processes' gradients; weighting each process's mean loss by its share of the
-        # global batch makes that average the gradient of the global batch's mean loss.
-        scaler.scale(loss * scale if dist.enabled else loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        if hasattr(optimizer, "step_kd"):  # DOT: the task and distillation gradients go to separate momenta
+            _dot_step(terms, optimizer)
+        else:
+            # DDP averages the processes' gradients; weighting each process's mean loss by its share of the
+            # global batch makes that average the gradient of the global batch's mean loss.
+            scaler.scale(loss * scale if dist.enabled else loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         pending = (step, checked.detach())
 
         n = batch.target.shape[0]
@@ -312,6 +315,22 @@ def train_one_epoch(
     if stopped_at is not None:
         result["stopped_at"] = stopped_at
     return result
+
+
+def _dot_step(terms: Terms, optimizer: torch.optim.Optimizer) -> None:
+    """mdistiller's ``DOT.train_iter``: back-propagate the distillation terms (all but ``ce``), keep their
+    gradients (``step_kd``), then the task term ``ce`` and update (``step``). One process, no loss scaling
+    (``--dot`` refuses ``--amp fp16`` and several processes)."""
+    task = [w * v.float() for name, (w, v) in terms.items() if name == "ce"]
+    distill = [w * v.float() for name, (w, v) in terms.items() if name != "ce"]
+    optimizer.zero_grad(set_to_none=True)
+    if distill:
+        sum(distill).backward(retain_graph=bool(task))
+    optimizer.step_kd()
+    optimizer.zero_grad(set_to_none=True)
+    if task:
+        sum(task).backward()
+    optimizer.step()
 
 
 def _raise_if_nonfinite(pending: tuple[int, torch.Tensor], label: str, epoch: int) -> None:

@@ -180,6 +180,8 @@ def _protocol_suffix(args: argparse.Namespace) -> str:
         parts.append("ctkd")
     if getattr(args, "two_views", False):
         parts.append("2v")
+    if getattr(args, "dot", False):
+        parts.append("dot")
     return "".join(f"_{p}" for p in parts)
 
 
@@ -284,6 +286,9 @@ def validate_student_args(args: argparse.Namespace) -> None:
     if args.two_views and not get_method(args.distill).two_views:
         two = ", ".join(n for n in method_names() if get_method(n).two_views)
         raise UsageError(f"--two_views: {args.distill} has no two-view loss; methods with one: {two}")
+    if getattr(args, "dot", False) and (args.amp == "fp16" or not 0 <= args.dot_delta <= args.momentum):
+        raise UsageError(f"--dot: needs --amp none or bf16 (got {args.amp}) and 0 <= --dot_delta <= --momentum "
+                         f"(got {args.dot_delta}, {args.momentum})")  # fmt: skip
     _non_negative(args, "gamma", "alpha", "beta", "init_epochs")
     _positive(args, "kd_T", "nce_k", "nce_t", "feat_dim")
     if not 0 <= args.nce_m < 1:

@@ -89,6 +89,9 @@ METHOD_LABELS = {
     "luminet": "LumiNet",
     "rld": "RLD",
     "crld": "CRLD",
+    "sdd_kd": "SD-KD",
+    "sdd_dkd": "SD-DKD",
+    "wkd_l": "WKD-L",
 }
 
 

@@ -163,8 +163,8 @@ def protocol_of(kind: str, args: dict[str, Any], summary: dict[str, Any], arch: 
 PROTOCOL_STUDENT_FLAGS = frozenset({"two_views"})
 
 # Logit modifiers that combine with a method and give it a name of its own in the published tables
-# (the LS-KD README: KD+LS, DKD+LS, MLKD+LS, KD+CTKD): flag -> suffix.
-MODIFIERS = {"logit_stand": "ls", "ctkd": "ctkd"}
+# (the LS-KD README: KD+LS, DKD+LS, MLKD+LS, KD+CTKD; the mdistiller README: KD+DOT): flag -> suffix.
+MODIFIERS = {"logit_stand": "ls", "ctkd": "ctkd", "dot": "dot"}
 
 
 def table_method(method: str, alpha: float, args: dict[str, Any] | None = None) -> str:

@@ -85,6 +85,7 @@ class MobileNetV2(nn.Module):
         self.last_channel = int(1280 * width_mult) if width_mult > 1.0 else 1280
         self.conv2 = conv_bn_relu(input_channel, self.last_channel, 1, 1)
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
+        self.pre_pool = nn.Identity()  # the map the classifier's pooling reads (SDD hooks it); no state
         # Total stride 16 (stem 2, then 2, 2, 2): a 32x32 input ends at 2x2.
         self.avgpool = nn.AvgPool2d(input_size // 16, ceil_mode=True)
         he_normal_init_(self)
@@ -111,7 +112,7 @@ class MobileNetV2(nn.Module):
             x = group(x)
             if i in (1, 2, 4, 6):  # (B, 12, 16, 16), (B, 16, 8, 8), (B, 48, 4, 4), (B, 160, 2, 2)
                 feats.append(x)
-        x = self.avgpool(self.conv2(x)).flatten(1)  # (B, 1280)
+        x = self.avgpool(self.pre_pool(self.conv2(x))).flatten(1)  # (B, 1280)
         feats.append(x)
         logits = self.classifier(x)
         return FeatureOutput(feats, logits) if is_feat else logits

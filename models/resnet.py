@@ -75,6 +75,7 @@ class ResNet(nn.Module):
         self.layer3 = make_stage(num_filters[2], num_filters[3], n, stride=2)
         self.avgpool = nn.AvgPool2d(8)  # 8x8 maps at the end for a 32x32 input
         self.fc = nn.Linear(num_filters[3], num_classes)
+        self.pre_pool = nn.Identity()  # the map the classifier's pooling reads (SDD hooks it); no state
         he_normal_init_(self)  # the Linear keeps PyTorch's default, as in RepDistiller
 
     def get_feat_modules(self) -> nn.ModuleList:
@@ -95,7 +96,7 @@ class ResNet(nn.Module):
         for stage in (self.layer1, self.layer2, self.layer3):
             x, feat = run_stage(stage, x, preact)  # (B, c1, 32, 32), (B, c2, 16, 16), (B, c3, 8, 8)
             feats.append(feat)
-        x = self.avgpool(x).flatten(1)  # (B, c3)
+        x = self.avgpool(self.pre_pool(x)).flatten(1)  # (B, c3)
         feats.append(x)
         logits = self.fc(x)
         return FeatureOutput(feats, logits) if is_feat else logits

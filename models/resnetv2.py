@@ -68,6 +68,7 @@ class ResNet(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.linear = nn.Linear(in_planes, num_classes)
+        self.pre_pool = nn.Identity()  # the map the classifier's pooling reads (SDD hooks it); no state
         he_normal_init_(self)  # the Linear keeps PyTorch's default, as in RepDistiller
         if zero_init_residual:
             for m in self.modules():
@@ -95,7 +96,7 @@ class ResNet(nn.Module):
         for stage in self.stages():
             x, feat = run_stage(stage, x, preact)  # (B, 256, 32, 32) ... (B, 2048, 4, 4)
             feats.append(feat)
-        x = self.avgpool(x).flatten(1)  # (B, 2048)
+        x = self.avgpool(self.pre_pool(x)).flatten(1)  # (B, 2048)
         feats.append(x)
         logits = self.linear(x)
         return FeatureOutput(feats, logits) if is_feat else logits

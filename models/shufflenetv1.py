@@ -79,6 +79,7 @@ class ShuffleNet(nn.Module):
             in_planes = planes
         self.layer1, self.layer2, self.layer3 = stages
         self.linear = nn.Linear(in_planes, num_classes)
+        self.pre_pool = nn.Identity()  # the map the classifier's pooling reads (SDD hooks it); no state
 
     def stages(self) -> tuple[nn.Sequential, ...]:
         return (self.layer1, self.layer2, self.layer3)
@@ -102,7 +103,7 @@ class ShuffleNet(nn.Module):
         for stage in self.stages():
             x, feat = run_stage(stage, x, preact)  # (B, 240, 16, 16), (B, 480, 8, 8), (B, 960, 4, 4)
             feats.append(feat)
-        x = F.avg_pool2d(x, 4).flatten(1)  # (B, 960)
+        x = F.avg_pool2d(self.pre_pool(x), 4).flatten(1)  # (B, 960)
         feats.append(x)
         logits = self.linear(x)
         return FeatureOutput(feats, logits) if is_feat else logits

@@ -117,6 +117,7 @@ class ShuffleNetV2(nn.Module):
         self.conv2 = nn.Conv2d(in_channels, out_channels[3], kernel_size=1, stride=1, padding=0, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels[3])
         self.linear = nn.Linear(out_channels[3], num_classes)
+        self.pre_pool = nn.Identity()  # the map the classifier's pooling reads (SDD hooks it); no state
 
     def stages(self) -> tuple[nn.Sequential, ...]:
         return (self.layer1, self.layer2, self.layer3)
@@ -144,7 +145,7 @@ class ShuffleNetV2(nn.Module):
                 feat = channel_shuffle(feat, 2)
             feats.append(feat)
         x = F.relu(self.bn2(self.conv2(x)))  # (B, 1024, 4, 4)
-        x = F.avg_pool2d(x, 4).flatten(1)  # (B, 1024)
+        x = F.avg_pool2d(self.pre_pool(x), 4).flatten(1)  # (B, 1024)
         feats.append(x)
         logits = self.linear(x)
         return FeatureOutput(feats, logits) if is_feat else logits

@@ -61,6 +61,7 @@ class VGG(nn.Module):
         self.pool3 = nn.MaxPool2d(kernel_size=2, stride=2)
         self.pool4 = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Linear(cfg[-1][-1], num_classes)
+        self.pre_pool = nn.Identity()  # the map the classifier's pooling reads (SDD hooks it); no state
         he_normal_init_(self)
         nn.init.normal_(self.classifier.weight, 0.0, 0.01)  # RepDistiller's classifier init
         nn.init.zeros_(self.classifier.bias)
@@ -86,7 +87,7 @@ class VGG(nn.Module):
             pre = block(x)  # (B, 128, 16, 16), (B, 256, 8, 8), (B, 512, 4, 4), (B, 512, 4, 4)
             x = F.relu(pre)
             feats.append(pre if preact else x)
-        x = self.pool4(x).flatten(1)  # (B, 512)
+        x = self.pool4(self.pre_pool(x)).flatten(1)  # (B, 512)
         feats.append(x)
         logits = self.classifier(x)
         return FeatureOutput(feats, logits) if is_feat else logits

@@ -93,6 +93,7 @@ class WideResNet(nn.Module):
         self.block3 = NetworkBlock(n, channels[2], channels[3], 2, drop_rate)
         self.bn1 = nn.BatchNorm2d(channels[3])
         self.fc = nn.Linear(channels[3], num_classes)
+        self.pre_pool = nn.Identity()  # the map the classifier's pooling reads (SDD hooks it); no state
         he_normal_init_(self)
         nn.init.zeros_(self.fc.bias)  # RepDistiller zeroes the bias and keeps PyTorch's default weight
 
@@ -113,7 +114,7 @@ class WideResNet(nn.Module):
             x = group(x, normed)  # (B, 16k, 32, 32), (B, 32k, 16, 16), (B, 64k, 8, 8)
             normed = bn(x)
             feats.append(normed if preact else x)
-        x = F.avg_pool2d(F.relu(normed), 8).flatten(1)  # (B, 64k)
+        x = F.avg_pool2d(self.pre_pool(F.relu(normed)), 8).flatten(1)  # (B, 64k)
         feats.append(x)
         logits = self.fc(x)
         return FeatureOutput(feats, logits) if is_feat else logits

@@ -14,9 +14,11 @@ from torch import nn
 
 import distiller_zoo
 import models
+from dataset import DeviceLoader
 from dataset.batch import Batch
 from distiller_zoo import PairError, get_method, method_names
-from distiller_zoo.base import default_args, parameters_of
+from distiller_zoo.base import Distiller, default_args, parameters_of
+from helper.engine import teacher_forward
 
 # Teacher -> student pairs of RepDistiller's tables 1 and 2 (reference section 1.4), across all families.
 PAIRS = [
@@ -44,6 +46,7 @@ REPDISTILLER_METHODS = {
 }  # fmt: skip
 
 BATCH, N_DATA, NCE_K = 4, 64, 8
+TRAIN_IMAGES = torch.randint(256, (100, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -144,7 +147,7 @@ def check_student_and_modules(student: nn.Module, modules: list[nn.Module], what
 
 @pytest.mark.parametrize(("teacher_name", "student_name"), PAIRS, ids=[f"{t}-{s}" for t, s in PAIRS])
 @pytest.mark.parametrize("name", method_names())
-def test_method_on_pair(name, teacher_name, student_name, zoo, shapes, batch, teacher_outputs) -> None:
+def test_method_on_pair(name, teacher_name, student_name, zoo, shapes, batch, teacher_outputs, tmp_path) -> None:
     cls = get_method(name)
     teacher, student = zoo[teacher_name], zoo[student_name]
     s_shapes, t_shapes = shapes(student_name, cls.preact), shapes(teacher_name, cls.preact)
@@ -170,6 +173,11 @@ def test_method_on_pair(name, teacher_name, student_name, zoo, shapes, batch, te
     bind_teacher = getattr(method, "bind_teacher", None)  # methods that read the teacher's modules
     if bind_teacher:
         bind_teacher(teacher)
+    if type(method).bind_student is not Distiller.bind_student:  # SDD: hooks on both networks
+        method.bind_student(student)
+        out_t = teacher_forward(teacher, batch.input, cls.preact)  # a fresh forward, seen by the hook
+    if cls.needs_train_pass:  # WKD-L: the teacher over the (here: random, one per class) training images
+        method.prepare(teacher, DeviceLoader(TRAIN_IMAGES, torch.arange(100), 50, "cpu", train=False), tmp_path)
     set_stage = getattr(method, "set_stage", None)  # methods with an init stage may switch modules
 
     if cls.init_stage:
