@@ -1,0 +1,208 @@
+"""ITRD and methods combined in one run (``--add``): values computed by hand on tiny tensors, properties that
+fail when a formula is wrong, and the combination through the engine's objective and the command line.
+
+The hand computations use ``math`` on Python floats, independently of the torch code under test. The
+registry-wide build/backward check on the benchmark's pairs is ``tests/test_methods.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from shared_paths import DATA
+from test_cli import SMALL, only_folder, repdistiller_teacher, run  # noqa: F401 (a fixture)
+
+from dataset.batch import Batch
+from distiller_zoo import get_method
+from distiller_zoo.base import default_args
+from distiller_zoo.combine import AddedMethods, added_suffix, parse_added
+from distiller_zoo.ITRD import itrd_correlation, itrd_mutual
+from helper.engine import DistillObjective
+from helper.options import UsageError, student_parser, student_run_folder, validate_student_args
+from models import FeatureOutput
+
+F_S = [[1.0, 2.0], [2.0, 0.0], [3.0, 1.0]]  # 3 samples x 2 dimensions
+F_T = [[0.0, 1.0], [1.0, 3.0], [2.0, 2.0]]
+
+
+def t(rows: list[list[float]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def column(rows: list[list[float]], d: int) -> list[float]:
+    return [r[d] for r in rows]
+
+
+def standardized(xs: list[float]) -> list[float]:
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))  # unbiased, as Tensor.std
+    return [(x - m) / sd for x in xs]
+
+
+def gram(rows: list[list[float]]) -> list[list[float]]:
+    unit = [[v / math.sqrt(sum(w * w for w in r)) for v in r] for r in rows]
+    return [[sum(a * b for a, b in zip(u, v)) for v in unit] for u in unit]
+
+
+# ------------------------------------------------------------------------------------------ ITRD
+
+
+@pytest.mark.parametrize("alpha", [1.01, 1.5])
+def test_itrd_correlation_by_hand(alpha: float) -> None:
+    total = 0.0
+    for d in range(2):
+        s, tt = standardized(column(F_S, d)), standardized(column(F_T, d))
+        c = sum(a * b for a, b in zip(s, tt)) / 3
+        total += ((1 - c) ** 2) ** alpha
+    got = itrd_correlation(t(F_S), t(F_T), alpha).item()
+    assert got == pytest.approx(math.log2(total), rel=1e-5)
+
+
+def test_itrd_mutual_by_hand() -> None:
+    g_s, g_t = gram(F_S), gram(F_T)
+    g_st = [[a * b for a, b in zip(r, q)] for r, q in zip(g_s, g_t)]
+    tr_s, tr_st = sum(g_s[i][i] for i in range(3)), sum(g_st[i][i] for i in range(3))
+    want = sum((g_s[i][j] / tr_s) ** 2 - (g_st[i][j] / tr_st) ** 2 for i in range(3) for j in range(3))
+    assert itrd_mutual(t(F_S), t(F_T)).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_itrd_correlation_ignores_positive_affine_maps_per_dimension() -> None:
+    torch.manual_seed(0)
+    f_s, f_t = torch.randn(16, 5), torch.randn(16, 5)
+    scale, shift = torch.rand(5) + 0.5, torch.randn(5)
+    base = itrd_correlation(f_s, f_t, 1.01)
+    assert itrd_correlation(f_s * scale + shift, f_t, 1.01).item() == pytest.approx(base.item(), rel=1e-5)
+    # A sign flip turns a correlation c into -c and changes the loss.
+    assert not torch.isclose(itrd_correlation(-f_s, f_t, 1.01), base, rtol=1e-3)
+
+
+def test_itrd_mutual_ignores_row_scale_and_vanishes_for_a_constant_teacher_direction() -> None:
+    torch.manual_seed(1)
+    f_s, f_t = torch.rand(8, 6), torch.rand(8, 4)
+    base = itrd_mutual(f_s, f_t)
+    rows = torch.rand(8, 1) + 0.1
+    assert itrd_mutual(f_s * rows, f_t * rows).item() == pytest.approx(base.item(), rel=1e-5, abs=1e-7)
+    assert base.abs() > 1e-4
+    # Every teacher row along one direction: G_t is all ones, G_st = G_s and the term is 0.
+    same = torch.rand(8, 1) * torch.rand(1, 4)
+    assert itrd_mutual(f_s, same).abs().item() < 1e-6
+
+
+def test_itrd_weights_and_flags() -> None:
+    d, a = get_method("itrd").defaults, default_args()
+    assert (d["gamma"], d["alpha"], d["beta"]) == (1.0, 0.0, 1.0)  # ITRD README.md: -r 1 -b 1
+    assert (a.lambda_corr, a.lambda_mutual, a.alpha_it) == (2.0, 1.0, 1.01)  # ITRD README.md's command
+
+
+@pytest.mark.parametrize(("s_dim", "t_dim"), [(64, 256), (64, 64)])
+def test_itrd_term_sums_its_weighted_parts(s_dim: int, t_dim: int) -> None:
+    torch.manual_seed(2)
+    args = default_args(lambda_corr=0.7, lambda_mutual=3.0)
+    m = get_method("itrd")([torch.Size([s_dim])], [torch.Size([t_dim])], args, 10)
+    f_s, f_t = torch.rand(8, s_dim), torch.rand(8, t_dim)
+    got = m(FeatureOutput([f_s], None), FeatureOutput([f_t], None), None)
+    e = m.embed(f_s)
+    # The mutual term reads the embedded student only when the widths differ (official forward_mutual_it).
+    want = 0.7 * itrd_correlation(e, f_t, 1.01) + 3.0 * itrd_mutual(e if s_dim != t_dim else f_s, f_t)
+    assert torch.allclose(got, want, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ --add
+
+
+def test_parse_added_weights_defaults_and_errors() -> None:
+    assert parse_added(["itrd:1.5", "pkt"], "wttm") == [("itrd", 1.5), ("pkt", 30000.0)]
+    assert parse_added(["itrd:0.5,attention"], "wttm") == [("itrd", 0.5), ("attention", 1000.0)]
+    assert parse_added(None, "wttm") == []
+    assert added_suffix(["itrd:1.0"], "wttm") == "add-itrd-1"
+    bad = {
+        "wttm": "already in this run",
+        "itrd,itrd": "already in this run",
+        "kd": "no term of its own",
+        "factor": "init stage",
+        "simkd": "deployed network",
+        "abound:1": "init stage",
+        "itrd:x": "not a number",
+        "itrd:-1": "zero or positive",
+        "nope": "unknown method",
+    }
+    for spec, message in bad.items():
+        with pytest.raises(ValueError, match=message):
+            parse_added([spec], "wttm")
+
+
+def test_add_flag_reaches_the_folder_name_and_the_validation() -> None:
+    parser = student_parser()
+    args = parser.parse_args(["--path_t", "x.pth", "--distill", "wttm", "--add", "itrd:1.0"])
+    validate_student_args(args)
+    assert student_run_folder(args, "resnet32x4").name.endswith("_wttm_r-1_a-0_b-4_1_add-itrd-1")
+    plain = parser.parse_args(["--path_t", "x.pth", "--distill", "wttm"])
+    assert plain.add is None and student_run_folder(plain, "resnet32x4").name.endswith("_wttm_r-1_a-0_b-4_1")
+    with pytest.raises(UsageError, match="--add kd"):
+        validate_student_args(parser.parse_args(["--path_t", "x.pth", "--distill", "wttm", "--add", "kd"]))
+    two = ["--path_t", "x.pth", "--distill", "mlkd", "--two_views", "--add", "itrd"]
+    with pytest.raises(UsageError, match="--two_views"):
+        validate_student_args(parser.parse_args(two))
+
+
+class Net(torch.nn.Module):
+    """A stand-in network: the feature list is (stem map, pooled vector)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, width, 3, padding=1)
+        self.fc = torch.nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor, is_feat: bool = False, preact: bool = False):
+        f = self.conv(x).relu()  # (B, width, 8, 8)
+        pooled = f.mean((2, 3))  # (B, width)
+        out = FeatureOutput([f, pooled], self.fc(pooled))
+        return out if is_feat else out.logits
+
+
+def test_added_terms_are_logged_with_their_own_weights() -> None:
+    torch.manual_seed(3)
+    student, teacher = Net(4), Net(6).eval()
+    batch = Batch(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,)), torch.arange(8))
+    s_shapes, t_shapes = [torch.Size([4, 8, 8]), torch.Size([4])], [torch.Size([6, 8, 8]), torch.Size([6])]
+    args = default_args()
+    wttm = get_method("wttm")(s_shapes, t_shapes, args, 8)
+    added = AddedMethods(parse_added(["itrd:0.25"], "wttm"), s_shapes, t_shapes, args, 8)
+    objective = DistillObjective(student, teacher, wttm, 1.0, 0.0, 4.0, 4.0, added)
+    objective.train()
+    terms, _ = objective(batch)
+    assert set(terms) == {"ce", "wttm", "itrd"} and terms["itrd"][0] == 0.25 and terms["wttm"][0] == 4.0
+    out_s, out_t = student(batch.input, is_feat=True), teacher(batch.input, is_feat=True)
+    alone = added.methods["itrd"](out_s, out_t, batch)
+    assert torch.allclose(terms["itrd"][1], alone)
+    # The added method's adapter is trainable and reached by the combined loss.
+    sum(w * v for w, v in terms.values()).backward()
+    (embed,) = added.trainable_modules()
+    assert embed.weight.grad is not None and embed.weight.grad.abs().sum() > 0
+    # A zero weight is not computed, as for every term.
+    zero = AddedMethods([("itrd", 0.0)], s_shapes, t_shapes, args, 8)
+    assert "itrd" not in DistillObjective(student, teacher, wttm, 1.0, 0.0, 4.0, 4.0, zero)(batch)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DATA / "cifar-100-python").is_dir(), reason=f"CIFAR-100 not found at {DATA}")
+@pytest.mark.parametrize(
+    "command", ["--distill itrd -r 1 -a 0 -b 1", "--distill wttm -r 1 -a 0 -b 4 --ttm_l 0.2 --add itrd:1.0"]
+)
+def test_cli_runs_itrd_and_wttm_plus_itrd(command, repdistiller_teacher, tmp_path):  # noqa: F811
+    argv = ["--path_t", str(repdistiller_teacher), *command.split(), "--model_s", "resnet8x4", *SMALL]
+    run("train_student.py", *argv, "--save_dir", str(tmp_path), cwd=tmp_path)
+    folder = only_folder(tmp_path / "student_model")
+    args = json.loads((folder / "args.json").read_text())["args"]
+    summary = json.loads((folder / "summary.json").read_text())
+    (main,) = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    if "--add" in command:
+        assert folder.name.endswith("_wttm_r-1_a-0_b-4_1_ep1_n100_test100_add-itrd-1"), folder.name
+        assert args["add"] == ["itrd:1.0"] and summary["added"] == {"itrd": 1.0}
+        assert {"loss_ce", "loss_wttm", "loss_itrd"} <= set(main) and "loss_kd" not in main, main
+    else:
+        assert summary["added"] == {} and {"loss_ce", "loss_itrd"} <= set(main), main
+    assert all(math.isfinite(main[k]) for k in main if k.startswith("loss_"))
