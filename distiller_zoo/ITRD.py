@@ -20,15 +20,24 @@ from .base import Distiller, Shapes, register
 __all__ = ["itrd_correlation", "itrd_mutual"]
 
 
+def _standardize(x: torch.Tensor) -> torch.Tensor:
+    """Per-dimension z-score over the batch, (B, D); a constant dimension gives 0 (see ``itrd_correlation``)."""
+    std = x.std(0)  # (D,)
+    return (x - x.mean(0)) / torch.where(std > 0, std, torch.ones_like(std))
+
+
 def itrd_correlation(f_s: torch.Tensor, f_t: torch.Tensor, alpha: float) -> torch.Tensor:
     """``log2 sum_d (|1 - c_d|^2)^alpha`` with ``c_d`` the batch correlation of dimension d, (B, D) each.
 
     Standardised per dimension over the batch with the unbiased standard deviation (``Tensor.std``), then
     ``c_d = sum_b s_bd t_bd / B`` (ITRD ``distiller_zoo/IT.py``, ``forward_correlation_it``). Needs B >= 2.
+
+    Deviation, on purpose: a dimension constant over the batch (a ReLU channel that is 0 for every image, common
+    in a network's pooled features) has standard deviation 0, where the official code divides 0 by 0 and the loss
+    is NaN; here that dimension standardises to 0 (correlation 0). Wherever the official value is finite, the
+    two are equal.
     """
-    f_s, f_t = f_s.float(), f_t.float()
-    s = (f_s - f_s.mean(0)) / f_s.std(0)  # (B, D)
-    t = (f_t - f_t.mean(0)) / f_t.std(0)  # (B, D)
+    s, t = _standardize(f_s.float()), _standardize(f_t.float())  # (B, D) each
     c = (s * t).sum(0) / f_s.shape[0]  # (D,)
     return torch.log2(((c - 1).abs().pow(2)).pow(alpha).sum())
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The newer methods' CIFAR-100 tables: OFD, ReviewKD, DKD, DIST, KD+CTKD, KD+LS, DKD+LS, MLKD, MLKD+LS (both with
-# MLKD's two views), MLKD-std (its loss, one view), SimKD, WTTM on RepDistiller's 13 teacher/student pairs, each
-# with its published recipe. The flags and the source of every value are in helper/published/newer_recipes.md.
+# MLKD's two views), MLKD-std (its loss, one view), SimKD, WTTM, ITRD, WTTM+ITRD (one run, --add) on RepDistiller's
+# 13 teacher/student pairs, each with its published recipe. The flags and the source of every value are in helper/published/newer_recipes.md.
 #
 #   scripts/run_cifar_newer.sh                                  # every method on every pair
 #   scripts/run_cifar_newer.sh dkd kd+ls                        # only these methods
@@ -10,7 +10,8 @@
 #
 # Options (flag or environment variable), besides those listed in scripts/queue.sh:
 #   --methods "a b"   METHODS          a subset of: ofd reviewkd dkd dist kd+ctkd kd+ls dkd+ls mlkd mlkd+ls
-#                                      mlkd-std simkd wttm (default: all); names may also be given as arguments
+#                                      mlkd-std simkd wttm itrd wttm+itrd (default: all); names may also be given as
+#                                      arguments
 #   --pairs "t:s ..." PAIRS            teacher:student pairs (default: the 13 published ones)
 #   TEACHER_DIR / TEACHER_TEMPLATE     where the teachers are, as in scripts/run_cifar_distill.sh
 # EPOCHS shortens every schedule (MLKD's 480-epoch recipes to twice EPOCHS) and scales the LR decay epochs
@@ -20,7 +21,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/queue.sh
 source scripts/queue.sh
 
-ALL_METHODS=(ofd reviewkd dkd dist kd+ctkd kd+ls dkd+ls mlkd mlkd+ls mlkd-std simkd wttm)
+ALL_METHODS=(ofd reviewkd dkd dist kd+ctkd kd+ls dkd+ls mlkd mlkd+ls mlkd-std simkd wttm itrd wttm+itrd)
 PAIRS="${PAIRS:-$PUBLISHED_PAIRS}"
 METHODS="${METHODS:-}"
 TRIALS="${TRIALS:-1}"
@@ -131,6 +132,9 @@ wttm_values() {
   esac
 }
 
+# ITRD's weights and Renyi order: ITRD README.md's command (roymiles/ITRD 5d08c6b).
+ITRD_FLAGS="--lambda_corr 2 --lambda_mutual 1 --alpha_it 1.01"
+
 recipe() { # method teacher student -> train_student.py flags
   local method=$1 teacher=$2 student=$3 T W G L
   case "$method" in
@@ -157,6 +161,13 @@ recipe() { # method teacher student -> train_student.py flags
     wttm)
       read -r G W <<<"$(wttm_values "$teacher" "$student")"
       echo "--distill wttm -r 1 -a 0 -b $W --ttm_l $G"
+      ;;
+    # ITRD README.md's command; WTTM+ITRD: WTTM's per-pair values with ITRD added at that weight (the TTM README
+    # gives no per-pair values for the combination).
+    itrd) echo "--distill itrd -r 1 -a 0 -b 1 $ITRD_FLAGS" ;;
+    wttm+itrd)
+      read -r G W <<<"$(wttm_values "$teacher" "$student")"
+      echo "--distill wttm -r 1 -a 0 -b $W --ttm_l $G --add itrd:1 $ITRD_FLAGS"
       ;;
     *)
       echo "unknown method '$method'; one of: ${ALL_METHODS[*]}" >&2

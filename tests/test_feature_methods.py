@@ -14,12 +14,14 @@ import pytest
 import torch
 from shared_paths import DATA
 from test_cli import SMALL, only_folder, repdistiller_teacher, run  # noqa: F401 (a fixture)
+from test_scripts import _newer, flag
 
 from dataset.batch import Batch
 from distiller_zoo import get_method
 from distiller_zoo.base import default_args
 from distiller_zoo.combine import AddedMethods, added_suffix, parse_added
 from distiller_zoo.ITRD import itrd_correlation, itrd_mutual
+from helper import published
 from helper.engine import DistillObjective
 from helper.options import UsageError, student_parser, student_run_folder, validate_student_args
 from models import FeatureOutput
@@ -206,3 +208,30 @@ def test_cli_runs_itrd_and_wttm_plus_itrd(command, repdistiller_teacher, tmp_pat
     else:
         assert summary["added"] == {} and {"loss_ce", "loss_itrd"} <= set(main), main
     assert all(math.isfinite(main[k]) for k in main if k.startswith("loss_"))
+
+
+def test_itrd_correlation_stays_finite_with_a_dead_channel() -> None:
+    # The official code divides 0 by 0 for a dimension constant over the batch; here it correlates 0.
+    torch.manual_seed(4)
+    f_s, f_t = torch.rand(8, 3), torch.rand(8, 3)
+    f_t[:, 1] = 0.0
+    f_s.requires_grad_()
+    loss = itrd_correlation(f_s, f_t, 1.01)
+    s = (f_s - f_s.mean(0)) / f_s.std(0)
+    tt = (f_t - f_t.mean(0)) / f_t.std(0)
+    c = (s * tt).sum(0) / 8
+    want = torch.log2((1 - c[0]) ** 2.02 + 1.0 + (1 - c[2]) ** 2.02)  # the dead dimension: (1 - 0)^2 = 1
+    assert torch.isfinite(loss) and torch.allclose(loss, want, rtol=1e-5)
+    loss.backward()
+    assert torch.isfinite(f_s.grad).all()
+
+
+def test_script_runs_wttm_plus_itrd_with_wttms_per_pair_values_and_the_published_numbers_exist():
+    combined, wttm = _newer("wttm+itrd"), _newer("wttm")
+    for pair, cmd in combined.items():
+        assert flag(cmd, "--distill") == "wttm" and flag(cmd, "--add") == "itrd:1", cmd
+        assert (flag(cmd, "--ttm_l"), flag(cmd, "-b")) == (flag(wttm[pair], "--ttm_l"), flag(wttm[pair], "-b"))
+        assert (flag(cmd, "--lambda_corr"), flag(cmd, "--lambda_mutual"), flag(cmd, "--alpha_it")) == ("2", "1", "1.01")
+    rows = [r for r in published.load(published.TABLES[1]) if r.method in ("itrd", "wttm+itrd")]
+    assert {(r.teacher, r.student) for r in rows if r.method == "wttm+itrd"} == set(published.PAIRS)
+    assert published.lookup("resnet32x4", "resnet8x4", "wttm+itrd").acc == 77.36  # TTM README
