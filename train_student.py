@@ -77,6 +77,8 @@ def build(args: argparse.Namespace) -> Run:
     precision = Precision(args.amp, device.type)
     distiller.bind_teacher(teacher)  # before folding: OFD reads the teacher's BNs
     added.bind_teacher(teacher)
+    distiller.bind_student(student)  # CAT-KD reads the student's classifier
+    added.bind_student(student)
     if args.fold_teacher_bn:
         teacher, folded = fold_batchnorm(teacher.eval(), preact=method.preact)
         log.info("teacher: %d BatchNorms folded into their convolutions", folded)

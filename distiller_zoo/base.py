@@ -40,6 +40,8 @@ Optional hooks (no-ops by default):
   (SimKD keeps a projector and the teacher's classifier). Its extra parameters are reported.
 * ``bind_teacher(teacher)``: called once after construction with the frozen teacher, for methods that
   read its modules (OFD's BN statistics, SimKD's classifier).
+* ``bind_student(student)``: likewise with the student, for methods that read its modules (CAT-KD's
+  classifier weights); the student's modules are trained as the student's, never as adapters.
 * ``set_stage(stage)``: switch which parts train (``"init"`` or ``"main"``); methods with an init stage
   also switch from ``set_epoch`` so that a resumed run is in the right stage.
 * ``init_lr(args, student_name)``: the init stage's learning rate when it is not the main one (FT).
@@ -113,6 +115,9 @@ class Distiller(nn.Module):
 
     def bind_teacher(self, teacher: nn.Module) -> None:
         """Receive the frozen teacher; no-op by default."""
+
+    def bind_student(self, student: nn.Module) -> None:
+        """Receive the student (its modules stay the student's: not adapters); no-op by default."""
 
     def init_lr(self, args: Any, student_name: str) -> float | None:
         """The init stage's learning rate; ``None`` (the default) means the main learning rate."""

@@ -104,6 +104,10 @@ class AddedMethods(nn.Module):
         for m in self.methods.values():
             m.bind_teacher(teacher)
 
+    def bind_student(self, student: nn.Module) -> None:
+        for m in self.methods.values():
+            m.bind_student(student)
+
     def terms(self, out_s: Any, out_t: Any, batch: Any) -> dict[str, torch.Tensor]:
         """Each added method's unweighted loss (for tests; the engine computes them one by one)."""
         return {name: m(out_s, out_t, batch) for name, _, m in self}

@@ -10,8 +10,9 @@
 #
 # Options (flag or environment variable), besides those listed in scripts/queue.sh:
 #   --methods "a b"   METHODS          a subset of: ofd reviewkd dkd dist kd+ctkd kd+ls dkd+ls mlkd mlkd+ls
-#                                      mlkd-std simkd wttm itrd wttm+itrd (default: all); names may also be given as
-#                                      arguments
+#                                      mlkd-std simkd wttm itrd wttm+itrd catkd (default: all); names may also be
+#                                      given as arguments (catkd skips the pairs it cannot serve: MobileNetV2 and
+#                                      ShuffleV2 students)
 #   --pairs "t:s ..." PAIRS            teacher:student pairs (default: the 13 published ones)
 #   TEACHER_DIR / TEACHER_TEMPLATE     where the teachers are, as in scripts/run_cifar_distill.sh
 # EPOCHS shortens every schedule (MLKD's 480-epoch recipes to twice EPOCHS) and scales the LR decay epochs
@@ -21,7 +22,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/queue.sh
 source scripts/queue.sh
 
-ALL_METHODS=(ofd reviewkd dkd dist kd+ctkd kd+ls dkd+ls mlkd mlkd+ls mlkd-std simkd wttm itrd wttm+itrd)
+ALL_METHODS=(ofd reviewkd dkd dist kd+ctkd kd+ls dkd+ls mlkd mlkd+ls mlkd-std simkd wttm itrd wttm+itrd catkd)
 PAIRS="${PAIRS:-$PUBLISHED_PAIRS}"
 METHODS="${METHODS:-}"
 TRIALS="${TRIALS:-1}"
@@ -132,6 +133,24 @@ wttm_values() {
   esac
 }
 
+# CAT-KD's weight, map resolution and normalisation: CAT-KD configs/cifar100/CAT_KD/*.yaml (CAT_loss_weight,
+# CAM_RESOLUTION, IF_NORMALIZE); mdistiller/engine/cfg.py defaults (400, 2, True) where no config exists. Empty:
+# a pair whose student has a layer between its last map and its classifier (catkd refuses it).
+catkd_values() {
+  case "$1>$2" in
+    "resnet56>resnet20") echo "0.7 2 0" ;;
+    "resnet110>resnet32") echo "1.8 2 0" ;;
+    "wrn_40_2>wrn_16_2") echo "12 2 0" ;;
+    "wrn_40_2>wrn_40_1") echo "1.5 2 0" ;;
+    "resnet32x4>resnet8x4") echo "15 2 0" ;;
+    "vgg13>vgg8") echo "4.5 2 0" ;;
+    "resnet32x4>ShuffleV1") echo "600 4 1" ;;
+    "wrn_40_2>ShuffleV1") echo "80 4 1" ;;
+    *">MobileNetV2" | *">ShuffleV2") echo "" ;;
+    *) echo "400 2 1" ;;
+  esac
+}
+
 # ITRD's weights and Renyi order: ITRD README.md's command (roymiles/ITRD 5d08c6b).
 ITRD_FLAGS="--lambda_corr 2 --lambda_mutual 1 --alpha_it 1.01"
 
@@ -165,6 +184,10 @@ recipe() { # method teacher student -> train_student.py flags
     # ITRD README.md's command; WTTM+ITRD: WTTM's per-pair values with ITRD added at that weight (the TTM README
     # gives no per-pair values for the combination).
     itrd) echo "--distill itrd -r 1 -a 0 -b 1 $ITRD_FLAGS" ;;
+    catkd)
+      read -r W R N <<<"$(catkd_values "$teacher" "$student")"
+      if [[ -n "${W:-}" ]]; then echo "--distill catkd -r 1 -a 0 -b $W --cat_resolution $R --cat_normalize $N"; fi
+      ;;
     wttm+itrd)
       read -r G W <<<"$(wttm_values "$teacher" "$student")"
       echo "--distill wttm -r 1 -a 0 -b $W --ttm_l $G --add itrd:1 $ITRD_FLAGS"
@@ -222,6 +245,7 @@ for trial in "${trials[@]}"; do
     queue_teacher_path "$teacher"
     for method in "${selected[@]}"; do
       read -r -a flags <<<"$(recipe "$method" "$teacher" "$student")"
+      if ((${#flags[@]} == 0)); then continue; fi # the method cannot serve this pair
       epochs=$(run_epochs "$method" "$teacher" "$student")
       queue_add "S-${student}_T-${teacher}_${method}_${trial}${EPOCHS:+_ep$EPOCHS}" \
         "$PYTHON" train_student.py --path_t "$TEACHER_PATH" --model_s "$student" "${flags[@]}" \

@@ -14,17 +14,18 @@ import pytest
 import torch
 from shared_paths import DATA
 from test_cli import SMALL, only_folder, repdistiller_teacher, run  # noqa: F401 (a fixture)
-from test_scripts import _newer, flag
+from test_scripts import _newer, commands, flag, run_script
 
 from dataset.batch import Batch
-from distiller_zoo import get_method
+from distiller_zoo import PairError, get_method
 from distiller_zoo.base import default_args
+from distiller_zoo.CATKD import cat_loss, class_activation_maps
 from distiller_zoo.combine import AddedMethods, added_suffix, parse_added
 from distiller_zoo.ITRD import itrd_correlation, itrd_mutual
 from helper import published
 from helper.engine import DistillObjective
 from helper.options import UsageError, student_parser, student_run_folder, validate_student_args
-from models import FeatureOutput
+from models import FeatureOutput, create_model
 
 F_S = [[1.0, 2.0], [2.0, 0.0], [3.0, 1.0]]  # 3 samples x 2 dimensions
 F_T = [[0.0, 1.0], [1.0, 3.0], [2.0, 2.0]]
@@ -112,6 +113,67 @@ def test_itrd_term_sums_its_weighted_parts(s_dim: int, t_dim: int) -> None:
     assert torch.allclose(got, want, rtol=1e-6)
 
 
+# ------------------------------------------------------------------------------------------ CAT-KD
+
+
+def test_cat_maps_and_loss_by_hand() -> None:
+    # One image, 2 channels on a 2x2 map, 2 classes; pooled to 1x1: the map means are (2.5, 1), so the class maps
+    # are W @ (2.5, 1) = (2.5 - 1, 0.5 * 2.5 + 2) = (1.5, 3.25).
+    feat = t([[1.0, 2.0, 3.0, 4.0], [0.0, 2.0, 2.0, 0.0]]).view(1, 2, 2, 2)
+    w = t([[1.0, -1.0], [0.5, 2.0]])
+    cam = class_activation_maps(feat, w, 1)
+    assert cam.flatten().tolist() == pytest.approx([1.5, 3.25])
+    other = t([[0.5], [1.25]]).view(1, 2, 1, 1)
+    assert cat_loss(cam, other, False).item() == pytest.approx(((1.5 - 0.5) ** 2 + (3.25 - 1.25) ** 2) / 2)
+    # Normalised per map over its positions: each 1x1 map becomes 1 (the sign), so these agree.
+    assert cat_loss(cam, other, True).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_cat_maps_pool_before_the_classifier_as_after() -> None:
+    torch.manual_seed(5)
+    feat, w = torch.rand(3, 6, 8, 8), torch.randn(10, 6)
+    full = torch.einsum("kc,bchw->bkhw", w, feat)  # the official order: 1x1 convolution, then pooling
+    want = torch.nn.functional.adaptive_avg_pool2d(full, (2, 2))
+    assert torch.allclose(class_activation_maps(feat, w, 2), want, rtol=1e-5, atol=1e-6)
+
+
+def test_cat_normalised_loss_ignores_a_positive_scale_per_map() -> None:
+    torch.manual_seed(6)
+    cam_s, cam_t = torch.rand(2, 5, 2, 2), torch.rand(2, 5, 2, 2)
+    scale = torch.rand(2, 5, 1, 1) + 0.5
+    assert cat_loss(cam_s * scale, cam_t, True).item() == pytest.approx(cat_loss(cam_s, cam_t, True).item(), rel=1e-5)
+    assert cat_loss(cam_s * scale, cam_t, False).item() != pytest.approx(cat_loss(cam_s, cam_t, False).item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["wrn_40_1", "resnet8x4", "vgg8", "ShuffleV1"])
+def test_cat_maps_at_resolution_one_are_the_logits_without_bias(arch: str) -> None:
+    # The maps are the classifier applied at every position of the map it pools: pooled to 1x1 they give the
+    # logits minus the bias. For WRN this needs the final BN + ReLU (the pre-activation list).
+    torch.manual_seed(7)
+    model = create_model(arch).eval()
+    out = model(torch.randn(2, 3, 32, 32), is_feat=True, preact=True)
+    method = get_method("catkd")([f.shape[1:] for f in out.feats], [f.shape[1:] for f in out.feats], default_args(), 2)
+    method.bind_student(model)
+    fc = method.__dict__["_student_fc"]
+    cam = class_activation_maps(out.feats[-2].relu(), fc.weight, 1).flatten(1)
+    assert torch.allclose(cam, out.logits - fc.bias, rtol=1e-4, atol=1e-5)
+
+
+def test_catkd_between_a_network_and_itself_is_zero_and_refuses_mobilenetv2() -> None:
+    torch.manual_seed(8)
+    model = create_model("resnet8x4").eval()
+    out = model(torch.randn(2, 3, 32, 32), is_feat=True, preact=True)
+    shapes = [f.shape[1:] for f in out.feats]
+    method = get_method("catkd")(shapes, shapes, default_args(), 2)
+    method.bind_student(model)
+    method.bind_teacher(model)
+    assert method(out, out, None).item() == pytest.approx(0.0, abs=1e-10)
+    mv2 = create_model("MobileNetV2").eval()
+    mv2_shapes = [f.shape[1:] for f in mv2(torch.randn(2, 3, 32, 32), is_feat=True, preact=True).feats]
+    with pytest.raises(PairError, match="student's last feature map"):
+        get_method("catkd").check_pair(mv2_shapes, shapes, default_args())
+
+
 # ------------------------------------------------------------------------------------------ --add
 
 
@@ -192,9 +254,14 @@ def test_added_terms_are_logged_with_their_own_weights() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not (DATA / "cifar-100-python").is_dir(), reason=f"CIFAR-100 not found at {DATA}")
 @pytest.mark.parametrize(
-    "command", ["--distill itrd -r 1 -a 0 -b 1", "--distill wttm -r 1 -a 0 -b 4 --ttm_l 0.2 --add itrd:1.0"]
+    "command",
+    [
+        "--distill itrd -r 1 -a 0 -b 1",
+        "--distill wttm -r 1 -a 0 -b 4 --ttm_l 0.2 --add itrd:1.0",
+        "--distill catkd -r 1 -a 0 -b 15 --cat_resolution 2 --cat_normalize 0",
+    ],
 )
-def test_cli_runs_itrd_and_wttm_plus_itrd(command, repdistiller_teacher, tmp_path):  # noqa: F811
+def test_cli_runs_itrd_catkd_and_wttm_plus_itrd(command, repdistiller_teacher, tmp_path):  # noqa: F811
     argv = ["--path_t", str(repdistiller_teacher), *command.split(), "--model_s", "resnet8x4", *SMALL]
     run("train_student.py", *argv, "--save_dir", str(tmp_path), cwd=tmp_path)
     folder = only_folder(tmp_path / "student_model")
@@ -206,7 +273,7 @@ def test_cli_runs_itrd_and_wttm_plus_itrd(command, repdistiller_teacher, tmp_pat
         assert args["add"] == ["itrd:1.0"] and summary["added"] == {"itrd": 1.0}
         assert {"loss_ce", "loss_wttm", "loss_itrd"} <= set(main) and "loss_kd" not in main, main
     else:
-        assert summary["added"] == {} and {"loss_ce", "loss_itrd"} <= set(main), main
+        assert summary["added"] == {} and {"loss_ce", f"loss_{args['distill']}"} <= set(main), main
     assert all(math.isfinite(main[k]) for k in main if k.startswith("loss_"))
 
 
@@ -235,3 +302,12 @@ def test_script_runs_wttm_plus_itrd_with_wttms_per_pair_values_and_the_published
     rows = [r for r in published.load(published.TABLES[1]) if r.method in ("itrd", "wttm+itrd")]
     assert {(r.teacher, r.student) for r in rows if r.method == "wttm+itrd"} == set(published.PAIRS)
     assert published.lookup("resnet32x4", "resnet8x4", "wttm+itrd").acc == 77.36  # TTM README
+
+
+def test_script_runs_catkd_with_its_configs_and_skips_the_pairs_it_cannot_serve():
+    cmds = commands(run_script("run_cifar_newer.sh", "catkd", DRY_RUN="1"))
+    got = {flag(c, "--model_s"): c for c in cmds if "resnet32x4" in flag(c, "--path_t")}
+    assert set(got) == {"resnet8x4", "ShuffleV1"}  # not ShuffleV2
+    assert (flag(got["resnet8x4"], "-b"), flag(got["resnet8x4"], "--cat_normalize")) == ("15", "0")
+    assert (flag(got["ShuffleV1"], "-b"), flag(got["ShuffleV1"], "--cat_resolution")) == ("600", "4")
+    assert len(cmds) == 10 and not any(flag(c, "--model_s") in ("MobileNetV2", "ShuffleV2") for c in cmds)

@@ -34,7 +34,12 @@ SAME_CHANNELS = {("resnet56", "resnet20"), ("resnet32x4", "resnet8x4"), ("vgg13"
 # Pairs each method must refuse (all others it must serve). FSP needs equal channel counts at every map
 # ("N/A" in RepDistiller's tables for wrn_40_2 -> wrn_40_1 and the cross-family pairs); so does KD-SVD,
 # which matches singular vectors over channels.
-EXPECTED_REFUSALS = {"fsp": set(PAIRS) - SAME_CHANNELS, "kdsvd": set(PAIRS) - SAME_CHANNELS}
+# CAT-KD needs the last map to be the one the classifier pools: not MobileNetV2 or ShuffleV2 (a 1x1 conv between).
+EXPECTED_REFUSALS = {
+    "fsp": set(PAIRS) - SAME_CHANNELS,
+    "kdsvd": set(PAIRS) - SAME_CHANNELS,
+    "catkd": {("vgg13", "MobileNetV2"), ("ResNet50", "MobileNetV2"), ("resnet32x4", "ShuffleV2")},
+}
 
 REPDISTILLER_METHODS = {
     "kd", "hint", "attention", "similarity", "correlation", "vid", "rkd", "pkt",
@@ -168,6 +173,7 @@ def test_method_on_pair(name, teacher_name, student_name, zoo, shapes, batch, te
     bind_teacher = getattr(method, "bind_teacher", None)  # methods that read the teacher's modules
     if bind_teacher:
         bind_teacher(teacher)
+    method.bind_student(student)  # methods that read the student's modules (CAT-KD's classifier)
     set_stage = getattr(method, "set_stage", None)  # methods with an init stage may switch modules
 
     if cls.init_stage:
