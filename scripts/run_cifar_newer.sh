@@ -10,7 +10,7 @@
 #
 # Options (flag or environment variable), besides those listed in scripts/queue.sh:
 #   --methods "a b"   METHODS          a subset of: ofd reviewkd dkd dist kd+ctkd kd+ls dkd+ls mlkd mlkd+ls
-#                                      mlkd-std simkd wttm itrd wttm+itrd catkd (default: all); names may also be
+#                                      mlkd-std simkd wttm itrd wttm+itrd catkd wkdf (default: all); names may also be
 #                                      given as arguments (catkd skips the pairs it cannot serve: MobileNetV2 and
 #                                      ShuffleV2 students)
 #   --pairs "t:s ..." PAIRS            teacher:student pairs (default: the 13 published ones)
@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/queue.sh
 source scripts/queue.sh
 
-ALL_METHODS=(ofd reviewkd dkd dist kd+ctkd kd+ls dkd+ls mlkd mlkd+ls mlkd-std simkd wttm itrd wttm+itrd catkd)
+ALL_METHODS=(ofd reviewkd dkd dist kd+ctkd kd+ls dkd+ls mlkd mlkd+ls mlkd-std simkd wttm itrd wttm+itrd catkd wkdf)
 PAIRS="${PAIRS:-$PUBLISHED_PAIRS}"
 METHODS="${METHODS:-}"
 TRIALS="${TRIALS:-1}"
@@ -151,6 +151,15 @@ catkd_values() {
   esac
 }
 
+# WKD-F's weight, mean/covariance ratio and grid: WKD configs/cifar100/wkd_f/*.yaml (WKD_FEAT_WEIGHT,
+# MEAN_COV_RATIO, SPATIAL_GRID); the resnet32x4->resnet8x4 values (the method's defaults) where no config exists.
+wkdf_values() {
+  case "$1>$2" in
+    "wrn_40_2>ShuffleV1") echo "0.3 3 4" ;;
+    *) echo "0.08 4 1" ;;
+  esac
+}
+
 # ITRD's weights and Renyi order: ITRD README.md's command (roymiles/ITRD 5d08c6b).
 ITRD_FLAGS="--lambda_corr 2 --lambda_mutual 1 --alpha_it 1.01"
 
@@ -184,6 +193,10 @@ recipe() { # method teacher student -> train_student.py flags
     # ITRD README.md's command; WTTM+ITRD: WTTM's per-pair values with ITRD added at that weight (the TTM README
     # gives no per-pair values for the combination).
     itrd) echo "--distill itrd -r 1 -a 0 -b 1 $ITRD_FLAGS" ;;
+    wkdf)
+      read -r W R G <<<"$(wkdf_values "$teacher" "$student")"
+      echo "--distill wkdf -r 1 -a 0 -b $W --wkdf_ratio $R --wkdf_grid $G"
+      ;;
     catkd)
       read -r W R N <<<"$(catkd_values "$teacher" "$student")"
       if [[ -n "${W:-}" ]]; then echo "--distill catkd -r 1 -a 0 -b $W --cat_resolution $R --cat_normalize $N"; fi

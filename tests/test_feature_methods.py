@@ -22,6 +22,7 @@ from distiller_zoo.base import default_args
 from distiller_zoo.CATKD import cat_loss, class_activation_maps
 from distiller_zoo.combine import AddedMethods, added_suffix, parse_added
 from distiller_zoo.ITRD import itrd_correlation, itrd_mutual
+from distiller_zoo.WKDF import cosine_decay, gaussian_moments, wkdf_loss
 from helper import published
 from helper.engine import DistillObjective
 from helper.options import UsageError, student_parser, student_run_folder, validate_student_args
@@ -174,6 +175,39 @@ def test_catkd_between_a_network_and_itself_is_zero_and_refuses_mobilenetv2() ->
         get_method("catkd").check_pair(mv2_shapes, shapes, default_args())
 
 
+# ------------------------------------------------------------------------------------------ WKD-F
+
+
+def test_wkdf_by_hand() -> None:
+    # One image, one channel, a 2x2 map, grid 1: student (1, 2, 3, 4): mean 2.5, unbiased var 5/3;
+    # teacher (0, 0, 2, 2): mean 1, unbiased var 4/3.
+    f_s, f_t = t([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2), t([[0.0, 0.0], [2.0, 2.0]]).view(1, 1, 2, 2)
+    eps = 1e-5
+    sd_s, sd_t = math.sqrt(5 / 3 + eps), math.sqrt(4 / 3 + eps)
+    want = 4.0 * (2.5 - 1.0) ** 2 + (sd_s - sd_t) ** 2
+    assert wkdf_loss(f_s, f_t, 4.0, 1, eps).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_wkdf_grid_cells_are_the_map_blocks() -> None:
+    torch.manual_seed(9)
+    f = torch.rand(2, 3, 8, 8)
+    mean, std = gaussian_moments(f, 4, 1e-5)
+    block = f[:, :, 2:4, 6:8]  # cell (1, 3) of a 4x4 grid of 2x2 blocks
+    assert torch.allclose(mean[:, :, 1, 3], block.mean((2, 3)))
+    assert torch.allclose(std[:, :, 1, 3], torch.sqrt(block.var((2, 3)) + 1e-5))
+    # The loss divides by grid^2 * B: a map equal to the teacher's but shifted by d in every cell costs ratio d^2 C.
+    assert wkdf_loss(f + 0.5, f, 2.0, 4, 1e-5).item() == pytest.approx(2.0 * 0.25 * 3, rel=1e-5)
+    assert wkdf_loss(f, f, 2.0, 4, 1e-5).item() == 0.0
+
+
+def test_wkdf_cosine_decay_and_defaults() -> None:
+    assert [cosine_decay(e, 150, 240) for e in (1, 150)] == [1.0, 1.0]
+    assert cosine_decay(195, 150, 240) == pytest.approx(0.5) and cosine_decay(240, 150, 240) == pytest.approx(0.0)
+    assert cosine_decay(200, 0, 240) == 1.0  # 0 disables
+    a, d = default_args(), get_method("wkdf").defaults
+    assert (d["gamma"], d["beta"], a.wkdf_ratio, a.wkdf_grid, a.wkdf_decay_epoch) == (1.0, 0.08, 4.0, 1, 150)
+
+
 # ------------------------------------------------------------------------------------------ --add
 
 
@@ -259,6 +293,7 @@ def test_added_terms_are_logged_with_their_own_weights() -> None:
         "--distill itrd -r 1 -a 0 -b 1",
         "--distill wttm -r 1 -a 0 -b 4 --ttm_l 0.2 --add itrd:1.0",
         "--distill catkd -r 1 -a 0 -b 15 --cat_resolution 2 --cat_normalize 0",
+        "--distill wkdf -r 1 -a 0 -b 0.08 --wkdf_ratio 4 --wkdf_grid 1",
     ],
 )
 def test_cli_runs_itrd_catkd_and_wttm_plus_itrd(command, repdistiller_teacher, tmp_path):  # noqa: F811
