@@ -232,6 +232,15 @@ def test_parse_added_weights_defaults_and_errors() -> None:
             parse_added([spec], "wttm")
 
 
+def test_added_methods_declare_their_data_needs() -> None:
+    s_shapes, t_shapes = [torch.Size([4, 8, 8]), torch.Size([4])], [torch.Size([6, 8, 8]), torch.Size([6])]
+    added = AddedMethods(parse_added(["crd:0.8"], "wttm"), s_shapes, t_shapes, default_args(nce_k=4), 16)
+    assert added.needs_contrast and len(added) == 1 and added.weights == {"crd": 0.8}
+    assert not AddedMethods(parse_added(["itrd"], "wttm"), s_shapes, t_shapes, default_args(), 16).needs_contrast
+    with pytest.raises(ValueError, match="pre-activation"):
+        parse_added(["catkd"], "wttm")  # CAT-KD reads the pre-activation list, WTTM the other
+
+
 def test_add_flag_reaches_the_folder_name_and_the_validation() -> None:
     parser = student_parser()
     args = parser.parse_args(["--path_t", "x.pth", "--distill", "wttm", "--add", "itrd:1.0"])
@@ -346,3 +355,25 @@ def test_script_runs_catkd_with_its_configs_and_skips_the_pairs_it_cannot_serve(
     assert (flag(got["resnet8x4"], "-b"), flag(got["resnet8x4"], "--cat_normalize")) == ("15", "0")
     assert (flag(got["ShuffleV1"], "-b"), flag(got["ShuffleV1"], "--cat_resolution")) == ("600", "4")
     assert len(cmds) == 10 and not any(flag(c, "--model_s") in ("MobileNetV2", "ShuffleV2") for c in cmds)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DATA / "cifar-100-python").is_dir(), reason=f"CIFAR-100 not found at {DATA}")
+def test_a_combined_run_resumes_to_the_weights_of_an_uninterrupted_one(repdistiller_teacher, tmp_path):  # noqa: F811
+    common = [
+        "--path_t", str(repdistiller_teacher), "--model_s", "resnet8", "--distill", "wttm", "--add", "itrd:1",
+        "--train_size", "200", "--test_size", "100", "--batch_size", "64", "--data_folder", str(DATA),
+        "--save_dir", str(tmp_path), "--deterministic",
+    ]  # fmt: skip
+    run("train_student.py", *common, "--epochs", "2", "--run_name", "straight", cwd=tmp_path)
+    run("train_student.py", *common, "--epochs", "1", "--run_name", "resumed", cwd=tmp_path)
+    run("train_student.py", *common, "--epochs", "2", "--run_name", "resumed", "--resume", "auto", cwd=tmp_path)
+
+    def weights(name: str) -> dict[str, torch.Tensor]:
+        state = torch.load(tmp_path / "student_model" / name / "latest.pth", map_location="cpu", weights_only=True)
+        return {**state["model"], **{f"added.{k}": v for k, v in state["added"].items()}}
+
+    straight, resumed = weights("straight"), weights("resumed")
+    assert straight.keys() == resumed.keys() and "added.methods.itrd.embed.weight" in straight
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
