@@ -21,6 +21,7 @@ from dataclasses import asdict  # noqa: E402
 
 from distiller_zoo import get_method, kd_term  # noqa: E402
 from distiller_zoo.DOT import dot_optimizer  # noqa: E402
+from distiller_zoo.combine import AddedMethods, parse_added  # noqa: E402
 from helper import checkpoint as ckpt_io  # noqa: E402
 from helper import distributed  # noqa: E402
 from helper.data import build_data  # noqa: E402
@@ -69,29 +70,40 @@ def build(args: argparse.Namespace) -> Run:
     s_shapes = feature_shapes(student, preact=method.preact)
     t_shapes = feature_shapes(teacher, preact=method.preact)
     method.check_pair(s_shapes, t_shapes, args)
-    data = build_data(args, device, seed, contrast=method.needs_contrast)
+    added_spec = parse_added(args.add, args.distill)  # --add: [(method, weight)], checked by the validation
+    for name, _ in added_spec:  # before the data is built, as for --distill
+        get_method(name).check_pair(s_shapes, t_shapes, args)
+    contrast = method.needs_contrast or any(get_method(name).needs_contrast for name, _ in added_spec)
+    data = build_data(args, device, seed, contrast=contrast)
     distiller = dist.batchnorm(method(s_shapes, t_shapes, args, data.n_data), args.sync_bn, device)
+    added = dist.batchnorm(AddedMethods(added_spec, s_shapes, t_shapes, args, data.n_data), args.sync_bn, device)
 
     precision = Precision(args.amp, device.type)
     distiller.bind_teacher(teacher)  # before folding: OFD reads the teacher's BNs
+    added.bind_teacher(teacher)
     if args.fold_teacher_bn:
         teacher, folded = fold_batchnorm(teacher.eval(), preact=method.preact)
         log.info("teacher: %d BatchNorms folded into their convolutions", folded)
     teacher = prepare_model(teacher, device, args)
     student = prepare_model(dist.batchnorm(student, args.sync_bn, device), device, args)
     distiller.to(device)
-    distiller.bind_student(student)
+    added.to(device)
+    distiller.bind_student(student)  # after prepare_model: SDD hooks the student's pooled map, CAT-KD
+    added.bind_student(student)  # reads its classifier
     if method.needs_train_pass:
         distiller.prepare(teacher, data.train_loader, folder)
+    added.prepare(teacher, data.train_loader, folder)
     lr = effective_lr(args, args.model_s)
     kd = kd_term(args, distiller).to(device)  # with --ctkd: the method's learned temperature, if it has one
     main = Stage(
         "main",
-        DistillObjective(student, teacher, distiller, weights.gamma, weights.alpha, weights.beta, kd),
-        (dot_optimizer if args.dot else sgd)([student, *distiller.trainable_modules(), kd], lr, args),
+        DistillObjective(student, teacher, distiller, weights.gamma, weights.alpha, weights.beta, kd, added),
+        (dot_optimizer if args.dot else sgd)(
+            [student, *distiller.trainable_modules(), *added.trainable_modules(), kd], lr, args
+        ),
         args.epochs,
         lr_schedule(lr, lr_decay_epochs(args), args.lr_decay_rate),
-        on_epoch=lambda epoch: [m.set_epoch(epoch, "main") for m in (distiller, kd) if hasattr(m, "set_epoch")],
+        on_epoch=lambda epoch: [m.set_epoch(epoch, "main") for m in (distiller, kd, added) if hasattr(m, "set_epoch")],
     )
     stages = [main]
     if method.init_stage and args.init_epochs > 0:
@@ -108,9 +120,10 @@ def build(args: argparse.Namespace) -> Run:
     teacher_acc = evaluate(teacher, data.test_loader, precision, device)
     log.info("teacher %s (%s): test accuracy %.2f", arch_t, args.path_t, teacher_acc["acc"])
     log.info(
-        "student %s, method %s: gamma %g alpha %g beta %g, lr %g%s",
+        "student %s, method %s: gamma %g alpha %g beta %g, lr %g%s%s",
         args.model_s, args.distill, weights.gamma, weights.alpha, weights.beta, lr,
         "" if method.has_loss else f" ({args.distill} has no loss term of its own)",
+        "".join(f", + {w:g} * {n}" for n, w in added_spec),
     )  # fmt: skip
     return Run(
         args=args,
@@ -126,7 +139,7 @@ def build(args: argparse.Namespace) -> Run:
         train_loader=data.train_loader,
         test_loader=data.test_loader,
         val_loader=data.val_loader,
-        extra_state={"distiller": distiller, "kd_term": kd},
+        extra_state={"distiller": distiller, "kd_term": kd, **({"added": added} if len(added) else {})},
         eval_model=deployed,
         summary={
             "method": args.distill,
@@ -137,11 +150,14 @@ def build(args: argparse.Namespace) -> Run:
             "gamma": weights.gamma,
             "alpha": weights.alpha,
             "beta": weights.beta,
+            "added": dict(added_spec),
             "lr": lr,
             "epochs": args.epochs,
             "train_size": data.n_data,
             "val_size": args.val_size,
-            "adapter_params": sum(p.numel() for m in distiller.trainable_modules() for p in m.parameters()),
+            "adapter_params": sum(
+                p.numel() for m in [*distiller.trainable_modules(), *added.trainable_modules()] for p in m.parameters()
+            ),
             # Every parameter of the evaluated network, frozen ones included (SimKD reuses the teacher's head).
             "deployed_params": sum(p.numel() for p in (deployed or student).parameters()),
         },

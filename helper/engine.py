@@ -113,9 +113,12 @@ class DistillObjective(Objective):
         alpha: float,
         beta: float,
         kd: nn.Module | float,
+        added: Iterable[tuple[str, float, nn.Module]] = (),
     ) -> None:
-        """``kd`` is the KD term's module (e.g. a logit-modified KL) or just its temperature."""
+        """``kd`` is the KD term's module (e.g. a logit-modified KL) or just its temperature; ``added``:
+        ``(name, weight, method)`` of the methods added with ``--add``, each a term of its own."""
         self.student, self.teacher, self.distiller = student, teacher, distiller
+        self.added = list(added)
         self.gamma, self.alpha = gamma, alpha
         self.beta = beta if distiller.has_loss else 0.0
         self.kd = kd if isinstance(kd, nn.Module) else DistillKL(kd)
@@ -124,6 +127,8 @@ class DistillObjective(Objective):
         self.student.train()
         self.distiller.train()
         self.kd.train()
+        for _, _, method in self.added:
+            method.train()
         self.teacher.eval()
 
     def __call__(self, batch: Batch) -> tuple[Terms, torch.Tensor]:
@@ -134,6 +139,8 @@ class DistillObjective(Objective):
             _term(terms, "ce", self.gamma, lambda: F.cross_entropy(out_s.logits, batch.target))
             _term(terms, "kd", self.alpha, lambda: self.kd(out_s.logits, out_t.logits))
             _term(terms, self.distiller.name, self.beta, lambda: self.distiller(out_s, out_t, batch))
+            for name, weight, method in self.added:
+                _term(terms, name, weight, lambda m=method: m(out_s, out_t, batch))
             return terms, out_s.logits
         # Two views (MLKD's protocol, KD_ours.forward_train): each network sees each view in a forward of its
         # own (BatchNorm statistics per view); CE and KD are summed over the views, the method's term is its

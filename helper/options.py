@@ -16,6 +16,7 @@ from pathlib import Path
 
 from distiller_zoo import get_method, method_names
 from distiller_zoo.base import add_method_arguments
+from distiller_zoo.combine import added_suffix, parse_added
 from models import model_names
 
 # RepDistiller lowers the learning rate of these students to 0.01 (train_student.py / train_teacher.py).
@@ -102,6 +103,14 @@ def student_parser() -> argparse.ArgumentParser:
         help="MLKD's protocol: every image as a weak (crop, flip) and a strong (+ RandAugment, Cutout) view; "
         f"only methods with a two-view loss ({', '.join(n for n in method_names() if get_method(n).two_views)})",
     )
+    parser.add_argument(
+        "--add",
+        action="append",
+        default=None,
+        metavar="METHOD[:WEIGHT]",
+        help="add another method's term with its own weight (default: its published), e.g. --add itrd:1.0; "
+        "repeat or comma-separate for more (distiller_zoo/combine.py)",
+    )
     add_method_arguments(parser)
     return parser
 
@@ -182,6 +191,8 @@ def _protocol_suffix(args: argparse.Namespace) -> str:
         parts.append("2v")
     if getattr(args, "dot", False):
         parts.append("dot")
+    if getattr(args, "add", None):
+        parts.append(added_suffix(args.add, args.distill))
     return "".join(f"_{p}" for p in parts)
 
 
@@ -274,6 +285,17 @@ def validate_teacher_args(args: argparse.Namespace) -> None:
     _check_model("model", args.model)
 
 
+def _check_added(args: argparse.Namespace) -> None:
+    if not args.add:
+        return
+    if args.two_views:
+        raise UsageError("--add: not with --two_views (the added methods have no two-view loss)")
+    try:
+        parse_added(args.add, args.distill)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def validate_student_args(args: argparse.Namespace) -> None:
     _check_common(args)
     _check_model("model_s", args.model_s)
@@ -290,6 +312,7 @@ def validate_student_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--dot: needs --amp none or bf16 (got {args.amp}) and 0 <= --dot_delta <= --momentum "
                          f"(got {args.dot_delta}, {args.momentum})")  # fmt: skip
     _non_negative(args, "gamma", "alpha", "beta", "init_epochs")
+    _check_added(args)
     _positive(args, "kd_T", "nce_k", "nce_t", "feat_dim")
     if not 0 <= args.nce_m < 1:
         raise UsageError(f"--nce_m {args.nce_m}: must be in [0, 1)")

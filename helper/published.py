@@ -80,6 +80,8 @@ METHOD_LABELS = {
     "ttm": "TTM",
     "wttm": "WTTM",
     "wttm+itrd": "WTTM+ITRD",
+    "catkd": "CAT-KD",
+    "wkdf": "WKD-F",
     "kd++": "KD++",
     "dist++": "DIST++",
     "dkd++": "DKD++",

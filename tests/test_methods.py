@@ -36,7 +36,12 @@ SAME_CHANNELS = {("resnet56", "resnet20"), ("resnet32x4", "resnet8x4"), ("vgg13"
 # Pairs each method must refuse (all others it must serve). FSP needs equal channel counts at every map
 # ("N/A" in RepDistiller's tables for wrn_40_2 -> wrn_40_1 and the cross-family pairs); so does KD-SVD,
 # which matches singular vectors over channels.
-EXPECTED_REFUSALS = {"fsp": set(PAIRS) - SAME_CHANNELS, "kdsvd": set(PAIRS) - SAME_CHANNELS}
+# CAT-KD needs the last map to be the one the classifier pools: not MobileNetV2 or ShuffleV2 (a 1x1 conv between).
+EXPECTED_REFUSALS = {
+    "fsp": set(PAIRS) - SAME_CHANNELS,
+    "kdsvd": set(PAIRS) - SAME_CHANNELS,
+    "catkd": {("vgg13", "MobileNetV2"), ("ResNet50", "MobileNetV2"), ("resnet32x4", "ShuffleV2")},
+}
 # Untrained teachers are never confident: CRLD's confidence masks would drop every sample (a zero loss).
 METHOD_ARGS = {"crld": {"crld_tau_w": 0.0, "crld_tau_s": 0.0}}
 
