@@ -20,8 +20,8 @@ import sys  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 
 from distiller_zoo import get_method, kd_term  # noqa: E402
-from distiller_zoo.DOT import dot_optimizer  # noqa: E402
 from distiller_zoo.combine import AddedMethods, parse_added  # noqa: E402
+from distiller_zoo.DOT import dot_optimizer  # noqa: E402
 from helper import checkpoint as ckpt_io  # noqa: E402
 from helper import distributed  # noqa: E402
 from helper.data import build_data  # noqa: E402

@@ -41,8 +41,8 @@ Optional hooks (no-ops by default):
 * ``bind_teacher(teacher)``: called once after construction with the frozen teacher, for methods that
   read its modules (OFD's BN statistics, SimKD's classifier).
 * ``bind_student(student)``: called once with the student (after ``bind_teacher``), for methods that
-  read what its modules compute besides the features (SDD hooks the map before the classifier's pooling; CAT-KD reads its classifier
-  weights); the student's modules are trained as the student's, never as adapters.
+  read what its modules compute besides the features (SDD hooks the map before the classifier's pooling;
+  CAT-KD reads its classifier weights); the student's modules are trained as the student's, never as adapters.
 * ``prepare(teacher, train_loader, folder)``: called once before training when ``needs_train_pass`` is set,
   with the frozen teacher, the training loader (a ``dataset.DeviceLoader``: its ``images``, ``labels``) and the
   run folder, for what a method derives from the teacher over the training set (WKD-L's class-cost matrix).
