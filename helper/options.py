@@ -9,6 +9,7 @@ below and stored under names of their own.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,7 +226,16 @@ def _check_model(flag: str, name: str) -> None:
         raise UsageError(f"--{flag} {name!r}: unknown model; valid names: {', '.join(model_names())}")
 
 
+def _finite(args: argparse.Namespace) -> None:
+    """Every float-valued flag (weights, temperatures, lr, momentum, decay, each method's own) is finite:
+    ``float()`` accepts ``nan`` and ``inf``, which would start training and stop at the first step."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{name} {value}: must be a finite number")
+
+
 def _check_common(args: argparse.Namespace) -> None:
+    _finite(args)
     _positive(args, "epochs", "batch_size", "learning_rate", "save_freq", "print_freq", "eval_batch_size")
     _positive(args, "train_size", "test_size", "lr_decay_rate")
     _non_negative(args, "val_size", "weight_decay", "momentum")
