@@ -329,7 +329,7 @@ def test_teacher_loading_checks_architecture_and_classes(tmp_path):
     teacher, arch, _ = ckpt_io.load_teacher(str(folder / "ckpt_epoch_240.pth"), None, 100)
     assert arch == "resnet8" and not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
-    with pytest.raises(ckpt_io.CheckpointError, match="does not hold a resnet20"):
+    with pytest.raises(ckpt_io.CheckpointError, match=r"it holds a resnet8, not a resnet20 \(pass --model_t resnet8\)"):
         ckpt_io.load_teacher(str(folder / "ckpt_epoch_240.pth"), "resnet20", 100)
     with pytest.raises(ckpt_io.CheckpointError, match="shape mismatches"):
         ckpt_io.load_teacher(str(folder / "ckpt_epoch_240.pth"), None, 10)

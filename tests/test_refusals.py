@@ -13,9 +13,11 @@ import math
 
 import pytest
 import torch
+from shared_paths import SHARED
 
 import train_student
 import train_teacher
+from helper import checkpoint as ckpt_io
 from helper.options import student_parser, teacher_parser, validate_student_args, validate_teacher_args
 from models import create_model
 
@@ -101,3 +103,69 @@ def test_a_float_flag_is_checked_whatever_its_name():
     args.some_new_flag = math.nan
     with pytest.raises(Exception, match="--some_new_flag nan: must be a finite number"):
         validate_student_args(args)
+
+
+# ---------------------------------------------------------------------------------------------- teacher layouts
+
+REAL_TEACHER = SHARED / "teachers" / "resnet20_vanilla" / "ckpt_epoch_240.pth"
+needs_teacher = pytest.mark.skipif(not REAL_TEACHER.is_file(), reason=f"shared teacher not found at {REAL_TEACHER}")
+# The layouts people publish: RepDistiller's, {'state_dict': ...}, {'net': ...}, a bare state_dict, each with
+# its keys as saved, under nn.DataParallel ('module.'), inside a wrapper ('model.'), or both.
+LAYOUTS = {
+    "{'model': state_dict}": lambda sd: {"model": sd, "accuracy": 68.83},
+    "{'state_dict': state_dict}": lambda sd: {"state_dict": sd, "epoch": 200, "optimizer": {"lr": 0.1}},
+    "{'net': state_dict}": lambda sd: {"net": sd, "acc": 68.83, "epoch": 200},
+    "a bare state_dict": lambda sd: sd,
+}
+KEY_PREFIXES = ["", "module.", "model.", "module.model."]
+
+
+@pytest.fixture(scope="module")
+def real_teacher():
+    model, arch, _ = ckpt_io.load_teacher(str(REAL_TEACHER), None, 100)
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return model, arch, x, model(x)
+
+
+@needs_teacher
+@pytest.mark.parametrize("prefix", KEY_PREFIXES)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_published_layouts_load_and_give_the_teachers_outputs(layout, prefix, real_teacher, tmp_path, caplog):
+    original, arch, x, logits = real_teacher
+    state = {prefix + k: v for k, v in original.state_dict().items()}
+    path = tmp_path / f"{arch}_vanilla" / "ckpt.pth"  # the architecture from the folder name, as RepDistiller
+    path.parent.mkdir()
+    torch.save(LAYOUTS[layout](state), path)
+    with caplog.at_level(logging.INFO, logger="helper.checkpoint"):
+        teacher, found, _ = ckpt_io.load_teacher(str(path), None, 100)
+    assert found == arch == "resnet20" and not teacher.training
+    assert torch.equal(teacher(x), logits)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "helper.checkpoint"]
+    removed = " then ".join(repr(p) for p in ("module.", "model.") if p in prefix)
+    assert line == f"teacher checkpoint {path}: resnet20 {layout}" + (f", key prefix {removed} removed" * bool(prefix))
+
+
+def test_five_published_layouts_are_accepted():
+    assert len(LAYOUTS) + ("module." in KEY_PREFIXES) == 5  # 4 containers, and nn.DataParallel's prefix in each
+
+
+@needs_teacher
+def test_what_holds_no_teacher_of_that_architecture_is_refused_clearly(real_teacher, tmp_path):
+    original, *_ = real_teacher
+    folder = tmp_path / "resnet20_vanilla"
+    folder.mkdir()
+    with pytest.raises(ckpt_io.CheckpointError, match=r"is a directory, not a file: .*\(it holds no \.pth file\)"):
+        ckpt_io.load_teacher(str(folder), None, 100)
+    torch.save({"net": {"module." + k: v for k, v in original.state_dict().items()}}, folder / "ckpt.pth")
+    with pytest.raises(ckpt_io.CheckpointError, match=r"is a directory, not a file: .*\(it holds ckpt\.pth\)"):
+        ckpt_io.load_teacher(str(folder), None, 100)
+    with pytest.raises(ckpt_io.CheckpointError, match=r"it holds a resnet20, not a resnet32 \(pass --model_t resnet20"):
+        ckpt_io.load_teacher(str(folder / "ckpt.pth"), "resnet32", 100)
+    with pytest.raises(ckpt_io.CheckpointError, match="does not hold a resnet20 with this number of classes"):
+        ckpt_io.load_teacher(str(folder / "ckpt.pth"), None, 10)
+    torch.save({"optimizer": {"state": {}}, "epoch": 3}, folder / "opt.pth")
+    with pytest.raises(ckpt_io.CheckpointError, match="not a model checkpoint .*'model', 'state_dict', 'net'"):
+        ckpt_io.load_teacher(str(folder / "opt.pth"), None, 100)
+    torch.save({"model": {"encoder." + k: v for k, v in original.state_dict().items()}}, folder / "other.pth")
+    with pytest.raises(ckpt_io.CheckpointError, match="does not hold a resnet20 .*unexpected keys"):
+        ckpt_io.load_teacher(str(folder / "other.pth"), None, 100)
