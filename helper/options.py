@@ -102,6 +102,11 @@ def student_parser() -> argparse.ArgumentParser:
         help="MLKD's protocol: every image as a weak (crop, flip) and a strong (+ RandAugment, Cutout) view; "
         "methods with a two-view loss only (mlkd)",
     )
+    parser.add_argument(
+        "--wrn_preact_bn", type=str, default="twice", choices=["twice", "once"],
+        help="WRN students with preact features (abound, ofd): update the three tapped BNs' running statistics "
+        "twice per step as RepDistiller's wrn.py (twice), or once",
+    )  # fmt: skip
     add_method_arguments(parser)
     return parser
 
