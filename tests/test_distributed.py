@@ -44,6 +44,8 @@ HAS_DATA = (DATA / "cifar-100-python").is_dir()
 # reorders more reductions (all-reduces of gradients and BN moments besides), each a perturbation of the same
 # size as the row order's; rounding differences grow alike from there, so their effect on the weights is of the
 # same order: NOISE_FACTOR 10 leaves room for that, and each fault below moves the weights far more.
+# Measured on the machine this was written on: max |w| difference, teacher run, 1.1e-6 reordered and 1.1e-6
+# for two processes (tolerance 1.1e-5); the faults 1.1e-2 (skipped shard) to 4.3e-2 (doubled shard).
 NOISE_FACTOR = 10
 NOISE_FLOOR = 1e-7  # should a reorder change no bit (an exact reduction), 1e-7 still catches every fault
 
