@@ -67,6 +67,8 @@ def build(args: argparse.Namespace) -> Run:
     folder = student_run_folder(args, arch_t)
     resume_path = prepare_folder(folder, args)
     student = create_model(args.model_s, num_classes=100)
+    if hasattr(student, "preact_bn_twice"):  # WRN: RepDistiller's double BN update, or --wrn_preact_bn once
+        student.preact_bn_twice = args.wrn_preact_bn == "twice"
     s_shapes = feature_shapes(student, preact=method.preact)
     t_shapes = feature_shapes(teacher, preact=method.preact)
     method.check_pair(s_shapes, t_shapes, args)

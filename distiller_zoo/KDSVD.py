@@ -7,12 +7,14 @@ align the student's to the teacher's, and match the RBF correlations between con
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .base import Distiller, PairError, Shapes, register
 
@@ -21,6 +23,43 @@ __all__ = ["KDSVD", "KDSVDDistiller"]
 
 def finite_or_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+class GuardedSVD(torch.autograd.Function):
+    """Singular values and right-singular vectors of (B, m, n) matrices, with the gradient guarded as in the
+    authors' TensorFlow code (sseung0703/KD_methods_with_TF, ``nets/SVP.py``, ``gradient_svd``).
+
+    The gradient is the usual one (Townsend, "Differentiating the Singular Value Decomposition", 2016) for a
+    loss of S and V: ``U [diag(gS) + S (F o (V^T gV - gV^T V))] V^T + U S^-1 gV^T (I - V V^T)`` with
+    ``F[i, j] = 1 / (s_j^2 - s_i^2)``. Two equal singular values (two dead channels of a ReLU map give two
+    zeros) make ``F`` infinite; ``torch.linalg.svd``'s own backward then returns NaN for the whole batch (0 x
+    inf), and one such step makes the student's weights NaN. As the authors (``KT = removenan(KT)``), the
+    entries of ``F`` that are not finite are 0: the gradient of a vector within a tied pair is left undefined
+    rather than made NaN. Elsewhere the gradient equals torch's (tested). ``1 / (s + 1e-8)`` is theirs too.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)  # (B, m, r), (B, r), (B, r, n)
+        v = vh.transpose(1, 2)  # (B, n, r)
+        ctx.save_for_backward(u, s, v)
+        return s, v
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g_s: torch.Tensor | None, g_v: torch.Tensor | None) -> torch.Tensor:
+        u, s, v = ctx.saved_tensors
+        g_s = torch.zeros_like(s) if g_s is None else g_s
+        g_v = torch.zeros_like(v) if g_v is None else g_v
+        s2 = s * s
+        f = finite_or_zero(1 / (s2.unsqueeze(1) - s2.unsqueeze(2)))  # (B, r, r), [i, j] = 1/(s_j^2 - s_i^2)
+        vt_gv = v.transpose(1, 2) @ g_v  # (B, r, r)
+        inner = torch.diag_embed(g_s) + s.unsqueeze(2) * (f * (vt_gv - vt_gv.transpose(1, 2)))
+        g_x = u @ inner @ v.transpose(1, 2)  # (B, m, n)
+        if v.shape[1] > v.shape[2]:  # n > r: V is not square, its complement gets a gradient too
+            g_vt = g_v.transpose(1, 2)  # (B, r, n)
+            g_x = g_x + (u / (s + 1e-8).unsqueeze(1)) @ (g_vt - (g_vt @ v) @ v.transpose(1, 2))
+        return g_x
 
 
 class KDSVD(nn.Module):
@@ -38,18 +77,23 @@ class KDSVD(nn.Module):
     vectors); spatial sizes may differ. RepDistiller reshapes with ``H * H`` (square maps only); this uses
     ``H * W``, identical for square maps. ``torch.linalg.svd`` returns ``Vh``; its transpose is the ``V``
     of the deprecated ``torch.svd`` that RepDistiller calls, computed by the same LAPACK routine.
+
+    ``guarded`` (default) takes the SVD's gradient from :class:`GuardedSVD`, as the authors' code; False is
+    ``torch.linalg.svd``'s own gradient, as RepDistiller (``torch.svd``), NaN at tied singular values. The
+    loss value is the same either way.
     """
 
-    def __init__(self, k: int = 1) -> None:
+    def __init__(self, k: int = 1, guarded: bool = True) -> None:
         super().__init__()
         self.k = k
+        self.guarded = guarded
 
     def forward(self, g_s: Sequence[torch.Tensor], g_t: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         losses = []
         v_s_prev = v_t_prev = None
         for f_s, f_t in zip(g_s, g_t):
-            s_t, v_t = self.svd(f_t, self.k)  # (B, k), (B, C, k)
-            _, v_s = self.svd(f_s, self.k + 3)  # (B, C, k + 3)
+            s_t, v_t = self.svd(f_t, self.k, self.guarded)  # (B, k), (B, C, k)
+            _, v_s = self.svd(f_s, self.k + 3, self.guarded)  # (B, C, k + 3)
             v_s = self.align_rsv(v_s, v_t)  # (B, C, k)
             v_t = v_t * s_t.unsqueeze(1)
             v_s = v_s * s_t.unsqueeze(1)
@@ -61,12 +105,16 @@ class KDSVD(nn.Module):
         return [loss / g_s[0].shape[0] for loss in losses]
 
     @staticmethod
-    def svd(feat: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def svd(feat: torch.Tensor, n: int, guarded: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``n`` singular values (L2-normalised) and right-singular vectors of a (B, C, H, W) map."""
         # LAPACK has no half-precision SVD: run it in fp32 under autocast too.
         x = feat.flatten(2).transpose(1, 2).float()  # (B, HW, C)
-        _, s, vh = torch.linalg.svd(x, full_matrices=False)  # s (B, r), vh (B, r, C), r = min(HW, C)
-        v = finite_or_zero(vh.transpose(1, 2))  # (B, C, r)
+        if guarded:
+            s, v = GuardedSVD.apply(x)  # s (B, r), v (B, C, r), r = min(HW, C)
+        else:
+            _, s, vh = torch.linalg.svd(x, full_matrices=False)
+            v = vh.transpose(1, 2)
+        v = finite_or_zero(v)
         s = finite_or_zero(s)
         return F.normalize(s[:, :n], dim=1), F.normalize(v[:, :, :n], dim=1)
 
@@ -116,7 +164,15 @@ class KDSVDDistiller(Distiller):
     def __init__(self, s_shapes: Shapes, t_shapes: Shapes, args: Any, n_data: int) -> None:
         super().__init__(s_shapes, t_shapes, args, n_data)
         self.check_pair(s_shapes, t_shapes, args)
-        self.criterion = KDSVD()
+        self.criterion = KDSVD(guarded=args.kdsvd_grad == "guarded")
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument_group("KD-SVD").add_argument(
+            "--kdsvd_grad", type=str, default="guarded", choices=["guarded", "torch"],
+            help="KD-SVD: the SVD's gradient with tied singular values zeroed as the authors' code (guarded), or "
+            "torch's own as RepDistiller (NaN at ties: a fresh student diverges at -b 1 within ~50 steps)",
+        )  # fmt: skip
 
     @classmethod
     def check_pair(cls, s_shapes: Shapes, t_shapes: Shapes, args: Any) -> None:

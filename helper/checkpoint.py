@@ -84,12 +84,28 @@ def remove_partial_writes(folder: str | os.PathLike) -> int:
     return removed
 
 
+# Where published checkpoints keep the weights: RepDistiller's ``{'model': sd}``, the common
+# ``{'state_dict': sd}`` (torchvision references, Lightning-style) and ``{'net': sd}`` (pytorch-cifar style).
+STATE_KEYS = ("model", "state_dict", "net")
+# Key prefixes of wrapped models: ``nn.DataParallel``/DDP (``module.``), a wrapper holding ``self.model``.
+PREFIXES = ("module.", "model.")
+
+
+def _is_state_dict(x: Any) -> bool:
+    return isinstance(x, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in x.items())
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint on the CPU with safe unpickling.
+    """Load a checkpoint on the CPU with safe unpickling; ``ckpt['model']`` is then its state_dict, found
+    under any of :data:`STATE_KEYS` or as a bare state_dict, and ``ckpt['layout']`` says which it was.
 
     RepDistiller's ``*_last.pth`` files also pickle an ``argparse.Namespace``, which is allowed here.
     """
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.pth"))[:3]
+        hint = f" (it holds {', '.join(inside)})" if inside else " (it holds no .pth file)"
+        raise CheckpointError(f"checkpoint {path} is a directory, not a file: give the checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -97,11 +113,39 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__})") from None
-    if isinstance(ckpt, dict) and "model" not in ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
-        ckpt = {"model": ckpt}  # a bare state_dict (e.g. a released model file)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise CheckpointError(f"{path} is not a model checkpoint (expected a dict with a 'model' state_dict)")
-    return ckpt
+    if ckpt and _is_state_dict(ckpt):
+        return {"model": ckpt, "layout": "a bare state_dict"}
+    key = next((k for k in STATE_KEYS if isinstance(ckpt, dict) and _is_state_dict(ckpt.get(k))), None)
+    if key is None:
+        raise CheckpointError(
+            f"{path} is not a model checkpoint (expected a state_dict, bare or under one of "
+            f"{', '.join(repr(k) for k in STATE_KEYS)})"
+        )
+    return {**ckpt, "model": ckpt[key], "layout": f"{{{key!r}: state_dict}}"}
+
+
+def strip_prefixes(state: dict[str, torch.Tensor], wanted: set[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Remove :data:`PREFIXES` that every key carries, outermost first, until the keys are ``wanted``'s."""
+    removed: list[str] = []
+    while set(state) != wanted:
+        prefix = next((p for p in PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix) :]: v for k, v in state.items()}
+        removed.append(prefix)
+    return state, removed
+
+
+def _matching_arch(state: dict[str, torch.Tensor]) -> str | None:
+    """The zoo's architecture whose state_dict has these keys (any number of classes), if one has."""
+    for name in model_names():
+        with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+            own = create_model(name, num_classes=100).state_dict()
+        # Any number of classes: the classifier's rows may differ.
+        same = set(own) == set(state) and all(own[k].shape == state[k].shape or own[k].shape[:1] == (100,) for k in own)
+        if same:
+            return name
+    return None
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], arch: str, source: str) -> None:
@@ -119,7 +163,10 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], arch: str
         if wrong:
             k = wrong[0]
             detail.append(f"{len(wrong)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
-        raise CheckpointError(f"{source} does not hold a {arch} with this number of classes: {'; '.join(detail)}")
+        found = _matching_arch(state) if missing or unexpected else None
+        what = f"it holds a {found}, not a {arch} (pass --model_t {found})" if found and found != arch else None
+        what = what or f"it does not hold a {arch} with this number of classes"
+        raise CheckpointError(f"{source}: {what}: {'; '.join(detail)}")
     model.load_state_dict(state, strict=True)
 
 
@@ -145,7 +192,10 @@ def load_teacher(path: str, model_t: str | None, num_classes: int) -> tuple[nn.M
     ckpt = load_checkpoint(path)
     arch = teacher_arch(ckpt, path, model_t)
     model = create_model(arch, num_classes=num_classes)
-    load_model_state(model, ckpt["model"], arch, f"--path_t {path}")
+    state, removed = strip_prefixes(ckpt["model"], set(model.state_dict()))
+    load_model_state(model, state, arch, f"--path_t {path}")
+    prefixes = f", key prefix {' then '.join(repr(p) for p in removed)} removed" if removed else ""
+    log.info("teacher checkpoint %s: %s %s%s", path, arch, ckpt["layout"], prefixes)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -180,9 +180,10 @@ class InitObjective(Objective):
             module.train()
 
     def __call__(self, batch: Batch) -> tuple[Terms, torch.Tensor]:
-        preact = self.distiller.preact
-        out_s = self.student(batch.input, is_feat=True, preact=preact)
-        out_t = teacher_forward(self.teacher, batch.input, preact)
+        # The student's features as the main stage reads them (``student_preact``; OFD reads the teacher's
+        # pre-activations but the student's after its ReLU), the teacher's as ``preact`` says.
+        out_s = self.student(batch.input, is_feat=True, preact=self.distiller.student_preact)
+        out_t = teacher_forward(self.teacher, batch.input, self.distiller.preact)
         return {"init": (1.0, self.distiller.init_loss(out_s, out_t, batch))}, out_s.logits
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,11 @@ def student_parser() -> argparse.ArgumentParser:
         help="add another method's term with its own weight (default: its published), e.g. --add itrd:1.0; "
         "repeat or comma-separate for more (distiller_zoo/combine.py)",
     )
+    parser.add_argument(
+        "--wrn_preact_bn", type=str, default="twice", choices=["twice", "once"],
+        help="WRN students with preact features (abound, ofd): update the three tapped BNs' running statistics "
+        "twice per step as RepDistiller's wrn.py (twice), or once",
+    )  # fmt: skip
     add_method_arguments(parser)
     return parser
 
@@ -262,7 +268,16 @@ def _check_model(flag: str, name: str) -> None:
         raise UsageError(f"--{flag} {name!r}: unknown model; valid names: {', '.join(model_names())}")
 
 
+def _finite(args: argparse.Namespace) -> None:
+    """Every float-valued flag (weights, temperatures, lr, momentum, decay, each method's own) is finite:
+    ``float()`` accepts ``nan`` and ``inf``, which would start training and stop at the first step."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{name} {value}: must be a finite number")
+
+
 def _check_common(args: argparse.Namespace) -> None:
+    _finite(args)
     _positive(args, "epochs", "batch_size", "learning_rate", "save_freq", "print_freq", "eval_batch_size")
     _positive(args, "train_size", "test_size", "lr_decay_rate")
     _non_negative(args, "val_size", "weight_decay", "momentum")

@@ -46,7 +46,8 @@ class Recorder:
             return
         with open(self.folder / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
-        step = row["epoch"] if row.get("stage", "main") == "main" else -row.get("init_epochs_left", 0)
+        # Init rows go under their own names (``init_train_loss``), each at its own epoch: one step per epoch.
+        step = row["epoch"]
         prefix = "" if row.get("stage", "main") == "main" else "init_"
         writer = self._tb()
         for key, value in row.items():

@@ -76,10 +76,16 @@ class WideResNet(nn.Module):
 
     ``preact=True`` replaces each group output ``f`` by the BN that reads it next: the next group's first
     ``bn1(f)``, and for the last group the final ``bn1(f)`` (the tensors whose ReLU follows). RepDistiller
-    computes these by calling those BNs a second time after the forward, so in training mode their running
-    statistics are updated twice per step; here each BN output is computed once, tapped, and handed to the
-    block that needs it, giving the same values (bitwise in eval mode) with a single update.
+    computes these by calling those BNs a second time after the forward (``models/wrn.py``, HobbitLong/
+    RepDistiller @ b84f547), so in training mode their running statistics are updated twice per step (with
+    the same batch statistics: ``r <- 0.9^2 r + 0.19 batch``), which changes the student's test-time
+    statistics. That is the default here (``preact_bn_twice = True``, ``--wrn_preact_bn twice``); with
+    ``preact_bn_twice = False`` (``--wrn_preact_bn once``) each BN output is computed once, tapped, and
+    handed to the block that needs it: the same feature values, a single update. Outside training mode, or
+    without ``preact``, both are the same.
     """
+
+    preact_bn_twice: bool = True
 
     def __init__(self, depth: int, num_classes: int = 100, widen_factor: int = 1, drop_rate: float = 0.0):
         super().__init__()
@@ -113,7 +119,10 @@ class WideResNet(nn.Module):
         for group, bn in zip((self.block1, self.block2, self.block3), self.get_bn_before_relu()):
             x = group(x, normed)  # (B, 16k, 32, 32), (B, 32k, 16, 16), (B, 64k, 8, 8)
             normed = bn(x)
-            feats.append(normed if preact else x)
+            if preact and self.training and self.preact_bn_twice:
+                feats.append(bn(x))  # RepDistiller's second call: equal values, a second running-stat update
+            else:
+                feats.append(normed if preact else x)
         x = F.avg_pool2d(self.pre_pool(F.relu(normed)), 8).flatten(1)  # (B, 64k)
         feats.append(x)
         logits = self.fc(x)

@@ -329,7 +329,7 @@ def test_teacher_loading_checks_architecture_and_classes(tmp_path):
     teacher, arch, _ = ckpt_io.load_teacher(str(folder / "ckpt_epoch_240.pth"), None, 100)
     assert arch == "resnet8" and not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
-    with pytest.raises(ckpt_io.CheckpointError, match="does not hold a resnet20"):
+    with pytest.raises(ckpt_io.CheckpointError, match=r"it holds a resnet8, not a resnet20 \(pass --model_t resnet8\)"):
         ckpt_io.load_teacher(str(folder / "ckpt_epoch_240.pth"), "resnet20", 100)
     with pytest.raises(ckpt_io.CheckpointError, match="shape mismatches"):
         ckpt_io.load_teacher(str(folder / "ckpt_epoch_240.pth"), None, 10)
@@ -350,3 +350,65 @@ def test_rng_state_round_trips_through_a_safe_checkpoint(tmp_path):
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     ckpt_io.set_rng_state(ckpt_io.load_checkpoint(tmp_path / "r.pth")["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+# ---------------------------------------------------------------------------------------------- init stages
+
+
+class _Recording(nn.Module):
+    """A resnet8 that records the ``preact`` it is asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net, self.asked = create_model("resnet8"), []
+
+    def forward(self, x, is_feat=False, preact=False):
+        self.asked.append(preact)
+        return self.net(x, is_feat=is_feat, preact=preact)
+
+
+def test_init_objective_reads_the_student_as_the_main_stage_does():
+    """A method whose student features differ from the teacher's (``student_preact`` apart from ``preact``)
+    gets the same features in its init stage as in its main stage."""
+    from helper.engine import InitObjective
+
+    class Distiller(nn.Module):
+        preact, student_preact = True, False
+
+        def init_modules(self, student):
+            return []
+
+        def init_loss(self, out_s, out_t, batch):
+            return (out_s.feats[-1] - out_t.feats[-1]).pow(2).mean()
+
+    student, teacher, distiller = _Recording(), _Recording(), Distiller()
+    batch = Batch(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long), torch.arange(4), None)
+    init = InitObjective(student, teacher.eval(), distiller)
+    terms, _ = init(batch)
+    assert student.asked == [False] and teacher.asked == [True] and torch.isfinite(terms["init"][1])
+    x = batch.input
+    out_s, out_t = student.net(x, is_feat=True), teacher.net(x, is_feat=True, preact=True)
+    assert torch.equal(terms["init"][1], distiller.init_loss(out_s, out_t, batch))
+
+
+def test_init_epochs_are_tensorboard_rows_of_their_own(tmp_path):
+    """Each init epoch at its own step under ``init_`` names; main epochs at their epoch (were all at step 0)."""
+    from helper.records import Recorder
+
+    calls = []
+
+    class Writer:
+        def add_scalar(self, name, value, step):
+            calls.append((name, value, step))
+
+        def flush(self):
+            pass
+
+    recorder = Recorder(tmp_path)
+    recorder._writer = Writer()
+    for epoch in (1, 2, 3):
+        recorder.epoch({"stage": "init", "epoch": epoch, "train_loss": 10.0 - epoch})
+    recorder.epoch({"stage": "main", "epoch": 1, "train_loss": 2.0})
+    assert calls == [("init_train_loss", 9.0, 1), ("init_train_loss", 8.0, 2), ("init_train_loss", 7.0, 3),
+                     ("train_loss", 2.0, 1)]  # fmt: skip
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4

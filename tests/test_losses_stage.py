@@ -406,6 +406,66 @@ def test_kdsvd_handles_non_square_maps() -> None:
     assert close(flat, float(square))
 
 
+def _tied_maps(b: int = 2, c: int = 16, h: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """A student stage map whose (HW, C) matrix is diagonal with its two smallest entries equal: two exactly
+    tied singular values, as a ReLU map met in a real run (resnet20, step 47 at -b 1: two singular values of
+    1.5083e-05 in one image of the batch made torch's SVD gradient NaN for the whole batch)."""
+    torch.manual_seed(0)
+    d = torch.rand(b, c) + 0.5
+    d[:, -2:] = 1e-3
+    x = torch.zeros(b, h * h, c)
+    x[:, torch.arange(c), torch.arange(c)] = d
+    return torch.rand(b, 8, 8, 8), x.transpose(1, 2).reshape(b, c, h, h)
+
+
+def test_kdsvd_guarded_gradient_is_torchs_away_from_ties() -> None:
+    torch.manual_seed(2)
+    stages = [(8, 8, 8), (16, 4, 4), (32, 2, 2)]  # HW > C, HW = C and HW < C (the complement term)
+    g_t = [torch.randn(3, *s, dtype=torch.float64) for s in stages]
+    grads = []
+    for guarded in (True, False):
+        g_s = [torch.randn(3, *s, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) for s in stages]
+        g_s = [f.requires_grad_() for f in g_s]
+        grads.append(torch.autograd.grad(sum(KDSVD(guarded=guarded)(g_s, g_t)), g_s))
+    for a, b in zip(*grads):
+        assert float(b.abs().max()) > 1e-4  # a gradient to compare
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)  # float64; 1e-8 of S^-1's guard is below
+
+
+def test_kdsvd_guarded_gradient_stays_finite_at_tied_singular_values() -> None:
+    f1, f2 = _tied_maps()
+    g_t = [torch.rand(2, 8, 8, 8), torch.rand(2, 16, 4, 4)]
+    for guarded, finite in ((True, True), (False, False)):  # torch's own: NaN (0 x inf) at the tie
+        g_s = [f1.clone().requires_grad_(), f2.clone().requires_grad_()]
+        grad = torch.autograd.grad(sum(KDSVD(guarded=guarded)(g_s, g_t)), g_s)[1]
+        assert bool(torch.isfinite(grad).all()) is finite
+
+
+@pytest.mark.parametrize("grad, survives", [("guarded", True), ("torch", False)])
+def test_kdsvd_at_its_published_beta_trains_through_a_tie(grad, survives) -> None:
+    """Three dozen SGD steps (lr 0.05, momentum 0.9, as RepDistiller) of the published ``-b 1`` loss on
+    student maps that start tied: the guarded gradient keeps them finite, torch's makes them NaN at once."""
+    f1, f2 = _tied_maps()
+    g_s = [nn.Parameter(f1), nn.Parameter(f2)]
+    g_t = [torch.rand(2, 8, 8, 8), torch.rand(2, 16, 4, 4)]
+    args = default_args(kdsvd_grad=grad)
+    criterion = get_method("kdsvd")(sizes(RESNET20), sizes(RESNET20), args, 100).criterion
+    optimizer = torch.optim.SGD(g_s, lr=0.05, momentum=0.9)
+    first = None
+    try:
+        for _ in range(36):
+            loss = 1.0 * sum(criterion(g_s, g_t))  # -b 1
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            first = num(loss) if first is None else first
+    except torch.linalg.LinAlgError:  # the SVD of NaN maps (the engine reports it as a non-finite loss)
+        pass
+    assert all(bool(torch.isfinite(p).all()) for p in g_s) is survives
+    if survives:
+        assert num(sum(criterion(g_s, g_t))) < first  # and it trained
+
+
 def test_kdsvd_refuses_unequal_channels() -> None:
     with pytest.raises(PairError, match=r"feature 1 has 16 in the student .* 32 in the teacher"):
         get_method("kdsvd").check_pair(sizes(WRN_40_1), sizes(WRN_40_2), default_args())

@@ -356,9 +356,11 @@ def test_eval_forward_is_deterministic(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_train_forward_updates_each_batchnorm_once(name):
-    """A preact forward in train mode leaves exactly the BN state of a plain one (RepDistiller's WRN
-    updated three BNs twice)."""
+    """A preact forward in train mode leaves exactly the BN state of a plain one (for WRNs with
+    ``preact_bn_twice = False``, ``--wrn_preact_bn once``; see the test below for RepDistiller's default)."""
     plain, preact = copy.deepcopy(built(name)).train(), copy.deepcopy(built(name)).train()
+    if hasattr(preact, "preact_bn_twice"):
+        preact.preact_bn_twice = False
     with torch.no_grad():
         plain(inputs())
         preact(inputs(), is_feat=True, preact=True)
@@ -367,6 +369,46 @@ def test_train_forward_updates_each_batchnorm_once(name):
     after_plain = plain.state_dict()
     assert all(torch.equal(v, after_plain[k]) for k, v in preact.state_dict().items())
     assert not torch.equal(bns[0].running_mean, torch.zeros_like(bns[0].running_mean))
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n.startswith("wrn")])
+def test_wrn_preact_forward_updates_three_batchnorms_twice_as_repdistiller(name):
+    """RepDistiller's WRN calls ``get_bn_before_relu()``'s three BNs again for its preact features: their
+    running statistics take the momentum update twice with the same batch statistics, by hand
+    ``r2 = (1 - m)^2 r0 + (1 - (1 - m)^2) b`` (m = 0.1; b the batch mean, or the unbiased batch variance, of
+    the BN's input), and ``num_batches_tracked`` is 2. Every other BN, and the features, are a plain forward's."""
+    model = copy.deepcopy(built(name)).train()
+    assert model.preact_bn_twice  # the default
+    plain = copy.deepcopy(model)
+    bns = model.get_bn_before_relu()
+    seen = {}
+    hooks = [bn.register_forward_pre_hook(lambda m, a, i=i: seen.setdefault(i, a[0].detach())) for i, bn in
+             enumerate(bns)]  # fmt: skip
+    before = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in bns]
+    with torch.no_grad():
+        out = model(inputs(), is_feat=True, preact=True)
+        plain.preact_bn_twice = False
+        once = plain(inputs(), is_feat=True, preact=True)
+    for hook in hooks:
+        hook.remove()
+    assert all(torch.equal(a, b) for a, b in zip(out.feats, once.feats)) and torch.equal(out.logits, once.logits)
+    keep = (1 - 0.1) ** 2
+    for bn, (mean0, var0), i in zip(bns, before, range(3)):
+        x = seen[i].double()
+        mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=True)
+        torch.testing.assert_close(
+            bn.running_mean.double(), keep * mean0.double() + (1 - keep) * mean, rtol=1e-5, atol=1e-6
+        )
+        torch.testing.assert_close(
+            bn.running_var.double(), keep * var0.double() + (1 - keep) * var, rtol=1e-5, atol=1e-6
+        )
+        assert bn.num_batches_tracked.item() == 2
+    twice = {id(bn) for bn in bns}
+    after_once = dict(plain.named_modules())
+    for key, module in model.named_modules():
+        if isinstance(module, nn.BatchNorm2d) and id(module) not in twice:
+            assert torch.equal(module.running_mean, after_once[key].running_mean), key
+            assert module.num_batches_tracked.item() == 1, key
 
 
 def test_model_table_counts_resnet8_macs_by_hand():
