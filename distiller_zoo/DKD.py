@@ -39,7 +39,8 @@ def dkd_terms(
     confident students); the target logit is masked to -inf instead of being pushed down by 1000.
     """
     z_s, z_t = z_s.float(), z_t.float()
-    gt = F.one_hot(target, z_s.shape[1]).bool()  # (B, C)
+    # A comparison, not F.one_hot: one_hot checks the targets' range on the host.
+    gt = target[:, None] == torch.arange(z_s.shape[1], device=z_s.device)  # (B, C)
     log_p_s = F.log_softmax(z_s / T, dim=1)  # (B, C)
     log_p_t = F.log_softmax(z_t / T, dim=1)  # (B, C)
 

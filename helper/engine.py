@@ -3,8 +3,11 @@
 What differs between those three is an *objective*: a callable that takes a batch and returns the named,
 weighted loss terms and the logits used for the training accuracy. The loop itself never names a method.
 
-Nothing on the hot path synchronises the host with the device: losses and accuracies accumulate in
-device tensors and are read once per print interval and at the end of the epoch.
+Nothing on the hot path synchronises the host with the device: losses, accuracies and the record of the first
+non-finite loss accumulate in device tensors and are read once per print interval and at the end of the epoch
+(tests/test_gpu_path.py counts the reads). Two exceptions, both by request: ``--skip_nonfinite`` needs each
+step's answer before its update, and fp16's ``GradScaler`` reads its inf flag on the host at every
+``scaler.step`` (inside PyTorch); bf16 needs no scaler and has no such read, so prefer ``--amp bf16``.
 """
 
 from __future__ import annotations
