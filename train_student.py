@@ -19,6 +19,8 @@ import logging  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 
+import torch  # noqa: E402
+
 from distiller_zoo import get_method, kd_term  # noqa: E402
 from helper import checkpoint as ckpt_io  # noqa: E402
 from helper import distributed  # noqa: E402
@@ -76,6 +78,8 @@ def build(args: argparse.Namespace) -> Run:
     teacher = prepare_model(teacher, device, args)
     student = prepare_model(dist.batchnorm(student, args.sync_bn, device), device, args)
     distiller.to(device)
+    if args.channels_last:  # the adapters (connectors, regressors) in the models' memory format
+        distiller.to(memory_format=torch.channels_last)
     lr = effective_lr(args, args.model_s)
     kd = kd_term(args).to(device)
     main = Stage(
