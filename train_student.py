@@ -46,7 +46,7 @@ from helper.run import (
     setup_logging,
     sgd,
 )
-from helper.setup import cli_errors, prepare_model  # noqa: E402
+from helper.setup import cli_errors, log_fast_path, prepare_model  # noqa: E402
 from models import create_model, feature_shapes  # noqa: E402
 
 log = logging.getLogger("kd")
@@ -68,6 +68,7 @@ def build(args: argparse.Namespace) -> Run:
     t_shapes = feature_shapes(teacher, preact=method.preact)
     method.check_pair(s_shapes, t_shapes, args)
     data = build_data(args, device, seed, contrast=method.needs_contrast)
+    log_fast_path(args)
     distiller = dist.batchnorm(method(s_shapes, t_shapes, args, data.n_data), args.sync_bn, device)
 
     precision = Precision(args.amp, device.type)

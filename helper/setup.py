@@ -83,3 +83,16 @@ def compile_forward(model: nn.Module) -> None:
             return eager(*args, **kwargs)
 
     model.forward = forward  # type: ignore[method-assign]
+
+
+def log_fast_path(args: argparse.Namespace) -> None:
+    """One line of the run log that says which speed settings this run used (args.json has them as flags)."""
+    parts = [
+        "channels-last" if args.channels_last else "NCHW (--no_channels_last)",
+        f"precision {'fp32' if args.amp == 'none' else args.amp}",
+        "compiled" if args.compile else "eager",
+    ]
+    if hasattr(args, "fold_teacher_bn"):
+        folded = "teacher BatchNorms folded" if args.fold_teacher_bn else "teacher unfolded (--no_fold_teacher_bn)"
+        parts.insert(1, folded)
+    log.info("speed settings: %s", ", ".join(parts))

@@ -125,7 +125,7 @@ class HostReads(TorchDispatchMode):
         return func(*args, **kwargs)
 
     @contextlib.contextmanager
-    def watching_methods(self) -> Iterator[None]:
+    def watching_methods(self) -> Iterator[HostReads]:
         """Also count ``Tensor.tolist``, ``numpy`` and ``cpu``, which reach no operator on a CPU tensor."""
         saved = {m: getattr(torch.Tensor, m) for m in HOST_METHODS}
 
@@ -140,7 +140,7 @@ class HostReads(TorchDispatchMode):
             for m in HOST_METHODS:
                 setattr(torch.Tensor, m, counted(m))
             with self:
-                yield
+                yield self
         finally:
             for m, f in saved.items():
                 setattr(torch.Tensor, m, f)
@@ -182,3 +182,56 @@ def reads_between_intervals(reads: list, print_freq: int, stop_every: int | None
         return bool(stop_every) and kind == "step" and (i + 1) % stop_every == 0 and what == STOP_READ
 
     return [(w, what) for w, what in reads if not allowed(w, what)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A method's training step on tiny models and random data (tests/test_gpu_path.py, scripts/gpu_check.py)
+
+
+def tiny_loader(
+    device: torch.device, n: int, batch: int, nce_k: int = 0, two_views: bool = False, seed: int = 0
+) -> Any:
+    """A training loader over ``n`` random images of 5 classes (with CRD's sampler when ``nce_k``)."""
+    from dataset import CRDSampler, DeviceLoader
+
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.arange(n) % 5
+    sampler = CRDSampler(labels, nce_k, device=device) if nce_k else None
+    return DeviceLoader(images, labels, batch, device, train=True, crd=sampler, strong_view=two_views)
+
+
+def tiny_objective(
+    name: str, pair: tuple[str, str], device: torch.device, n_data: int, batch: int, nce_k: int, init: bool = False
+) -> tuple[Any, torch.optim.Optimizer]:
+    """The objective and optimizer of method ``name`` on (teacher, student) ``pair`` (5 classes) as
+    train_student.py builds them, every weight 1 so that every term runs; ``init``: its init stage."""
+    import models
+    from distiller_zoo import get_method
+    from distiller_zoo.base import default_args, kd_term, parameters_of
+    from helper.engine import DistillObjective, InitObjective
+
+    cls = get_method(name)
+    torch.manual_seed(0)
+    teacher, student = (models.create_model(m, num_classes=5) for m in pair)
+    teacher.eval().requires_grad_(False)
+    s_shapes = models.feature_shapes(student, preact=cls.preact)
+    t_shapes = models.feature_shapes(teacher, preact=cls.preact)
+    args = default_args(nce_k=nce_k, batch_size=batch)  # CRD sizes its gather from the batch size
+    cls.check_pair(s_shapes, t_shapes, args)
+    distiller = cls(s_shapes, t_shapes, args, n_data)
+    distiller.bind_teacher(teacher)
+    teacher.to(device), student.to(device), distiller.to(device)
+    kd = kd_term(args).to(device)
+    if init:
+        distiller.set_stage("init")
+        objective = InitObjective(student, teacher, distiller)
+        params = parameters_of(objective.modules)
+        distiller.set_epoch(1, "init")
+    else:
+        objective = DistillObjective(student, teacher, distiller, 1.0, 1.0, 1.0, kd)
+        params = parameters_of([student, *distiller.trainable_modules(), kd])
+        for m in (distiller, kd):
+            if hasattr(m, "set_epoch"):
+                m.set_epoch(1, "main")
+    return objective, torch.optim.SGD(params, lr=0.01, momentum=0.9)

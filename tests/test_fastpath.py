@@ -296,6 +296,8 @@ def test_cli_run_with_every_fast_path_flag(compiler, tmp_path):
     args = json.loads((summary_path.parent / "args.json").read_text())["args"]
     assert (args["amp"], args["channels_last"], args["compile"], args["fold_teacher_bn"]) == ("bf16", True, True, True)
     assert "teacher: 9 BatchNorms folded" in proc.stderr  # resnet8: stem, 6 in the blocks, 2 in shortcuts
+    run_log = (summary_path.parent / "run.log").read_text()
+    assert "speed settings: channels-last, teacher BatchNorms folded, precision bf16, compiled" in run_log
 
 
 # ---------------------------------------------------------------------------------------------- BN folding

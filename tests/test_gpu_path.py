@@ -14,13 +14,12 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-import models
-from dataset import CRDSampler, DeviceLoader
+from dataset import DeviceLoader
 from distiller_zoo import PairError, get_method, method_names
-from distiller_zoo.base import adaptive_avg_pool2d, default_args, kd_term, parameters_of
+from distiller_zoo.base import adaptive_avg_pool2d
 from helper.distributed import DDPObjective, Distributed
-from helper.engine import DistillObjective, InitObjective, NonFiniteLoss, Precision, train_one_epoch
-from helper.sync_check import HostReads, StepClock, reads_between_intervals
+from helper.engine import NonFiniteLoss, Precision, train_one_epoch
+from helper.sync_check import HostReads, StepClock, reads_between_intervals, tiny_loader, tiny_objective
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -35,38 +34,11 @@ REFUSE_UNEQUAL = {"fsp", "kdsvd"}
 
 
 def loader(two_views: bool = False, crd: bool = False, n: int = N_DATA, seed: int = 0) -> DeviceLoader:
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-    labels = torch.arange(n) % 5
-    sampler = CRDSampler(labels, NCE_K, device=CPU) if crd else None
-    return DeviceLoader(images, labels, BATCH, CPU, train=True, crd=sampler, strong_view=two_views)
+    return tiny_loader(CPU, n, BATCH, NCE_K if crd else 0, two_views=two_views, seed=seed)
 
 
 def build(name: str, pair: tuple[str, str], init: bool = False) -> tuple:
-    """The objective and optimizer of ``name`` on ``pair`` as train_student.py builds them (all weights 1)."""
-    cls = get_method(name)
-    torch.manual_seed(0)
-    teacher, student = (models.create_model(m, num_classes=5) for m in pair)
-    teacher.eval().requires_grad_(False)
-    s_shapes = models.feature_shapes(student, preact=cls.preact)
-    t_shapes = models.feature_shapes(teacher, preact=cls.preact)
-    args = default_args(nce_k=NCE_K, batch_size=BATCH)  # CRD sizes its gather from the batch size
-    cls.check_pair(s_shapes, t_shapes, args)
-    distiller = cls(s_shapes, t_shapes, args, N_DATA)
-    distiller.bind_teacher(teacher)
-    kd = kd_term(args)
-    if init:
-        distiller.set_stage("init")
-        objective = InitObjective(student, teacher, distiller)
-        params = parameters_of(objective.modules)
-        distiller.set_epoch(1, "init")
-    else:
-        objective = DistillObjective(student, teacher, distiller, 1.0, 1.0, 1.0, kd)
-        params = parameters_of([student, *distiller.trainable_modules(), kd])
-        for m in (distiller, kd):
-            if hasattr(m, "set_epoch"):
-                m.set_epoch(1, "main")
-    return objective, torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    return tiny_objective(name, pair, CPU, N_DATA, BATCH, NCE_K, init=init)
 
 
 def count_reads(objective, batches, optimizer, dist=None, epoch: int = 1, control=None) -> tuple[HostReads, dict]:
@@ -224,3 +196,67 @@ def test_no_host_read_between_print_intervals_with_two_processes(tmp_path):
             assert images == DDP_DATA, (rank, name)  # the meters cover the global batches
             assert bad == [], (rank, name)
             assert map_reads == 3 * n_params, (rank, name)  # steps 1, 2, 4: one per trained parameter
+
+
+# ----------------------------------------------------------------------------------------------------------
+# scripts/gpu_check.py without CUDA, and the claims above on a real GPU (pytest -m cuda)
+
+
+def load_gpu_check():
+    import importlib.util
+    import sys
+
+    from shared_paths import ROOT
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_without_cuda_runs_the_cpu_stand_ins(tmp_path, monkeypatch, capsys):
+    import json
+
+    gpu_check = load_gpu_check()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--methods", "kd,dkd", "--json", str(tmp_path / "check.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "no CUDA device" in printed and "sync: dkd" in printed
+    summary = json.loads((tmp_path / "check.json").read_text())
+    assert summary["sync"] == {"kd": "ok", "dkd": "ok"}
+    assert summary["deterministic"] == dict.fromkeys(gpu_check.DETERMINISTIC_METHODS, "bit-identical")
+    assert "benchmark" not in summary and "epoch" not in summary
+    # The check is live: a step that reads a value on the host is reported, and the script still exits 0.
+    import helper.engine
+
+    topk = helper.engine.topk_correct
+    monkeypatch.setattr(helper.engine, "topk_correct", lambda *a, **k: [c + 0 * c.item() for c in topk(*a, **k)])
+    assert gpu_check.main(["--methods", "kd", "--json", str(tmp_path / "bad.json")]) == 0
+    assert json.loads((tmp_path / "bad.json").read_text())["sync"]["kd"].startswith("FAILED: host reads")
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.mark.cuda
+@CUDA
+def test_cuda_deterministic_mode_accepts_the_pooling_and_refuses_torchs():
+    x = torch.randn(2, 3, 32, 32, device="cuda", requires_grad=True)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        adaptive_avg_pool2d(x, (7, 7)).sum().backward()  # the matrix form
+        adaptive_avg_pool2d(x, (8, 8)).sum().backward()  # avg_pool2d
+        with pytest.raises(RuntimeError, match="deterministic"):
+            F.adaptive_avg_pool2d(x, (8, 8)).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+@pytest.mark.cuda
+@CUDA
+def test_cuda_steps_never_synchronise():
+    gpu_check = load_gpu_check()
+    results = gpu_check.check_sync(torch.device("cuda"), method_names())
+    assert all(v == "ok" or v.startswith("n/a") for v in results.values()), results
