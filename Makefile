@@ -9,7 +9,7 @@ export CIFAR100_ROOT ?= $(if $(wildcard $(SHARED)/data/cifar-100-python),$(SHARE
 export OMP_WAIT_POLICY ?= PASSIVE
 export KD_TEACHERS ?= $(if $(wildcard $(SHARED)/teachers),$(SHARED)/teachers,./save/models)
 
-.PHONY: venv test lint demo bench clean
+.PHONY: venv test lint demo bench clean gpu-check
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ lint: venv
 
 demo: venv
 	$(PY) scripts/demo.py
+
+# The first command on a GPU machine (about 10 minutes): CUDA tests, syncs, determinism, speed. JSON beside.
+gpu-check: venv
+	$(PY) scripts/gpu_check.py --json gpu_check.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -19,6 +19,8 @@ import logging  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 
+import torch  # noqa: E402
+
 from distiller_zoo import get_method, kd_term  # noqa: E402
 from distiller_zoo.combine import AddedMethods, parse_added  # noqa: E402
 from distiller_zoo.DOT import dot_optimizer  # noqa: E402
@@ -47,7 +49,7 @@ from helper.run import (
     setup_logging,
     sgd,
 )
-from helper.setup import cli_errors, prepare_model  # noqa: E402
+from helper.setup import cli_errors, log_fast_path, prepare_model  # noqa: E402
 from models import create_model, feature_shapes  # noqa: E402
 
 log = logging.getLogger("kd")
@@ -77,6 +79,7 @@ def build(args: argparse.Namespace) -> Run:
         get_method(name).check_pair(s_shapes, t_shapes, args)
     contrast = method.needs_contrast or any(get_method(name).needs_contrast for name, _ in added_spec)
     data = build_data(args, device, seed, contrast=contrast)
+    log_fast_path(args)
     distiller = dist.batchnorm(method(s_shapes, t_shapes, args, data.n_data), args.sync_bn, device)
     added = dist.batchnorm(AddedMethods(added_spec, s_shapes, t_shapes, args, data.n_data), args.sync_bn, device)
 
@@ -95,6 +98,9 @@ def build(args: argparse.Namespace) -> Run:
     if method.needs_train_pass:
         distiller.prepare(teacher, data.train_loader, folder)
     added.prepare(teacher, data.train_loader, folder)
+    if args.channels_last:  # the adapters (connectors, regressors) in the models' memory format
+        distiller.to(memory_format=torch.channels_last)
+        added.to(memory_format=torch.channels_last)
     lr = effective_lr(args, args.model_s)
     kd = kd_term(args, distiller).to(device)  # with --ctkd: the method's learned temperature, if it has one
     main = Stage(

@@ -30,7 +30,7 @@ from helper.options import (
     validate_teacher_args,
 )
 from helper.run import Run, Stage, fit, lr_schedule, prepare_folder, seed_everything, setup_logging, sgd  # noqa: E402
-from helper.setup import cli_errors, prepare_model  # noqa: E402
+from helper.setup import cli_errors, log_fast_path, prepare_model  # noqa: E402
 from models import create_model  # noqa: E402
 
 log = logging.getLogger("kd")
@@ -44,6 +44,7 @@ def build(args: argparse.Namespace) -> Run:
     seed = seed_of(args)
     seed_everything(seed, args.deterministic)
     data = build_data(args, device, seed, contrast=False)
+    log_fast_path(args)
     model = prepare_model(dist.batchnorm(create_model(args.model, num_classes=100), args.sync_bn, device), device, args)
     lr = effective_lr(args, args.model)
     stage = Stage(

@@ -345,5 +345,7 @@ def _cutout(x: torch.Tensor, c: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor
         & (rows >= y0.view(b, 1, 1)) & (rows <= y1.view(b, 1, 1))
         & (c > 0).view(b, 1, 1)
     )  # fmt: skip
-    fill = torch.tensor(CUTOUT_FILL, dtype=torch.uint8, device=x.device).view(1, 3, 1, 1)
+    # Three fills on the device, not torch.tensor(CUTOUT_FILL, device=...): that would copy from the host
+    # (and wait for the copy) at every batch.
+    fill = torch.stack([x.new_full((), v) for v in CUTOUT_FILL]).view(1, 3, 1, 1)  # (1, 3, 1, 1) uint8
     return torch.where(box.unsqueeze(1), fill, x)

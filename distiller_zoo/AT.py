@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Distiller, Shapes, register
+from .base import Distiller, Shapes, adaptive_avg_pool2d, register
 
 __all__ = ["Attention"]
 
@@ -24,9 +24,9 @@ def pool_to_smaller(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor,
     (RepDistiller's rule for stage pairs of different resolution)."""
     s_h, t_h = f_s.shape[2], f_t.shape[2]
     if s_h > t_h:
-        f_s = F.adaptive_avg_pool2d(f_s, f_t.shape[2:])
+        f_s = adaptive_avg_pool2d(f_s, f_t.shape[2:])
     elif s_h < t_h:
-        f_t = F.adaptive_avg_pool2d(f_t, f_s.shape[2:])
+        f_t = adaptive_avg_pool2d(f_t, f_s.shape[2:])
     return f_s, f_t
 
 

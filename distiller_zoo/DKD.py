@@ -36,22 +36,28 @@ def dkd_terms(
     KD exactly (paper eq. 1-4): ``KL(p_t || p_s) = TCKD + (1 - p_t[target]) * NCKD``.
 
     Log-space throughout (mdistiller takes ``torch.log`` of summed probabilities, which underflows for
-    confident students); the non-target logits are gathered instead of being pushed down by 1000.
+    confident students); the target logit is masked to -inf instead of being pushed down by 1000.
     """
     z_s, z_t = z_s.float(), z_t.float()
-    B, C = z_s.shape
-    gt = F.one_hot(target, C).bool()  # (B, C)
+    # A comparison, not F.one_hot: one_hot checks the targets' range on the host.
+    gt = target[:, None] == torch.arange(z_s.shape[1], device=z_s.device)  # (B, C)
     log_p_s = F.log_softmax(z_s / T, dim=1)  # (B, C)
     log_p_t = F.log_softmax(z_t / T, dim=1)  # (B, C)
 
+    # Masks as where/masked_fill, never as indices: boolean-mask indexing needs the mask's count on the host.
     def binary(log_p: torch.Tensor) -> torch.Tensor:  # (B, 2): log p_target, log(1 - p_target)
-        return torch.stack([log_p[gt], log_p.masked_fill(gt, float("-inf")).logsumexp(dim=1)], dim=1)
+        target_term = torch.where(gt, log_p, 0.0).sum(dim=1)  # adding zeros: exactly log_p[target]
+        return torch.stack([target_term, log_p.masked_fill(gt, float("-inf")).logsumexp(dim=1)], dim=1)
+
+    def non_target(z: torch.Tensor) -> torch.Tensor:  # (B, C): log-softmax over the C - 1 others, 0 at target
+        # The target's logit at -inf drops it from the softmax; 0 after keeps the products below finite.
+        return F.log_softmax((z / T).masked_fill(gt, float("-inf")), dim=1).masked_fill(gt, 0.0)
 
     log_b_s, log_b_t = binary(log_p_s), binary(log_p_t)
     tckd = (log_b_t.exp() * (log_b_t - log_b_s)).sum(dim=1)  # (B,)
-    log_q_s = F.log_softmax(z_s[~gt].view(B, C - 1) / T, dim=1)  # (B, C-1)
-    log_q_t = F.log_softmax(z_t[~gt].view(B, C - 1) / T, dim=1)  # (B, C-1)
-    nckd = (log_q_t.exp() * (log_q_t - log_q_s)).sum(dim=1)  # (B,)
+    log_q_s, log_q_t = non_target(z_s), non_target(z_t)  # (B, C)
+    q_t = log_q_t.exp().masked_fill(gt, 0.0)  # (B, C), the teacher's p-hat
+    nckd = (q_t * (log_q_t - log_q_s)).sum(dim=1)  # (B,)
     return tckd * T**2, nckd * T**2
 
 

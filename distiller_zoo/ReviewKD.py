@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Distiller, PairError, Shapes, register
+from .base import Distiller, PairError, Shapes, adaptive_avg_pool2d, register
 from .DKD import linear_warmup
 
 __all__ = ["ABF", "hcl_loss"]
@@ -37,7 +37,7 @@ def hcl_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
         if size >= h:
             continue
         weight /= 2.0
-        loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(f_s, size), F.adaptive_avg_pool2d(f_t, size))
+        loss = loss + weight * F.mse_loss(adaptive_avg_pool2d(f_s, size), adaptive_avg_pool2d(f_t, size))
         total += weight
     return loss / total
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Distiller, PairError, Shapes, register
+from .base import Distiller, PairError, Shapes, adaptive_avg_pool2d, register
 
 __all__ = ["SimKDProjector", "SimKDStudent"]
 
@@ -47,8 +47,8 @@ class SimKDProjector(nn.Module):
 def _align(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The official spatial alignment: the larger of the two maps is average-pooled to the other's size."""
     if f_s.shape[-1] > f_t.shape[-1]:
-        return F.adaptive_avg_pool2d(f_s, f_t.shape[-2:]), f_t
-    return f_s, F.adaptive_avg_pool2d(f_t, f_s.shape[-2:])
+        return adaptive_avg_pool2d(f_s, f_t.shape[-2:]), f_t
+    return f_s, adaptive_avg_pool2d(f_t, f_s.shape[-2:])
 
 
 class SimKDStudent(nn.Module):
@@ -68,7 +68,7 @@ class SimKDStudent(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.student(x, is_feat=True).feats[-2]  # (B, s_C, H, W)
         if self.size is not None:
-            f = F.adaptive_avg_pool2d(f, self.size)
+            f = adaptive_avg_pool2d(f, self.size)
         return self.classifier(self.projector(f).mean(dim=(2, 3)))  # (B, classes)
 
 

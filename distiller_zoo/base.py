@@ -209,3 +209,31 @@ def kd_term(args: Any, method: nn.Module | None = None) -> nn.Module:
     if method is not None:
         share_temperature(modifier, method)
     return DistillKL(args.kd_T) if modifier is None else ModifiedKL(modifier)
+
+
+def adaptive_avg_pool2d(x: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(x, size)``'s values (B, C, h, w) from operators whose CUDA backward is
+    deterministic: CUDA's backward of adaptive average pooling accumulates with atomics, and
+    ``torch.use_deterministic_algorithms(True)`` (``--deterministic``) refuses it.
+
+    The same size is ``x`` itself; sizes that divide are ``avg_pool2d`` with kernel = stride (the same windows);
+    other sizes are the same windows (start ``floor(i * H / h)``, end ``ceil((i + 1) * H / h)``) written as two
+    averaging matrices, ``A_h @ x @ A_w^T``.
+    """
+    out_h, out_w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    in_h, in_w = x.shape[-2:]
+    if (in_h, in_w) == (out_h, out_w):
+        return x
+    if in_h % out_h == 0 and in_w % out_w == 0:
+        return nn.functional.avg_pool2d(x, (in_h // out_h, in_w // out_w))
+    a_h, a_w = _window_means(in_h, out_h, x), _window_means(in_w, out_w, x)  # (h, H), (w, W)
+    return torch.einsum("bcyx,iy,jx->bcij", x, a_h, a_w)
+
+
+def _window_means(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """(n_out, n_in): row i averages adaptive pooling's window i (built on ``like``'s device)."""
+    i = torch.arange(n_out, device=like.device).view(-1, 1)  # (n_out, 1)
+    j = torch.arange(n_in, device=like.device).view(1, -1)  # (1, n_in)
+    inside = (j >= (i * n_in) // n_out) & (j < ((i + 1) * n_in + n_out - 1) // n_out)  # (n_out, n_in)
+    weights = inside.to(like.dtype)
+    return weights / weights.sum(dim=1, keepdim=True)

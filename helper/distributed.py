@@ -19,6 +19,7 @@ Batch-relational losses (SP, CC, RKD, PKT, DIST, MLKD) relate the rows of each p
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -34,6 +35,8 @@ from torch.nn.parallel import DistributedDataParallel
 from dataset.batch import Batch
 
 log = logging.getLogger("kd")
+
+STOP_EVERY = 20  # steps between two checks of a stop request across processes
 
 
 def choose_device(name: str | None) -> torch.device:
@@ -113,16 +116,28 @@ class Distributed:
         """The sum over processes of ``tensor`` (a new tensor; on the device, no host synchronisation)."""
         return all_reduce_sum(tensor) if self.enabled else tensor
 
-    def agreed(self, flag: Callable[[], bool]) -> Callable[[], bool]:
+    def min(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The minimum over processes of ``tensor`` (a new tensor, on the device)."""
+        total = tensor.detach().clone()
+        if self.enabled:
+            tdist.all_reduce(total, op=tdist.ReduceOp.MIN)
+        return total
+
+    def agreed(self, flag: Callable[[], bool], every: int = STOP_EVERY) -> Callable[[], bool]:
         """``flag`` asked of every process and true if true for any: a signal that reaches the processes at
-        different steps still stops them all after the same step."""
+        different steps still stops them all after the same step. The processes ask each other once every
+        ``every`` calls (a collective per step would make each step wait for the slowest process), so a
+        signal stops a multi-process run within ``every`` steps."""
         if not self.enabled:
             return flag
+        calls = itertools.count(1)
 
         def any_process() -> bool:
+            if next(calls) % every:
+                return False
             value = torch.tensor([int(flag())])
             tdist.all_reduce(value, op=tdist.ReduceOp.MAX, group=self.cpu_group)
-            return bool(value.item())
+            return bool(value.item())  # a CPU tensor of the gloo group: no device synchronisation
 
         return any_process
 

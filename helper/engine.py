@@ -3,15 +3,17 @@
 What differs between those three is an *objective*: a callable that takes a batch and returns the named,
 weighted loss terms and the logits used for the training accuracy. The loop itself never names a method.
 
-Nothing on the hot path synchronises the host with the device: losses and accuracies accumulate in
-device tensors and are read once per print interval and at the end of the epoch.
+Nothing on the hot path synchronises the host with the device: losses, accuracies and the record of the first
+non-finite loss accumulate in device tensors and are read once per print interval and at the end of the epoch
+(tests/test_gpu_path.py counts the reads). Two exceptions, both by request: ``--skip_nonfinite`` needs each
+step's answer before its update, and fp16's ``GradScaler`` reads its inf flag on the host at every
+``scaler.step`` (inside PyTorch); bf16 needs no scaler and has no such read, so prefer ``--amp bf16``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -94,11 +96,11 @@ class ClassifierObjective(Objective):
 
 
 def teacher_forward(teacher: nn.Module, x: torch.Tensor, preact: bool) -> Any:
-    """The frozen teacher under inference mode. Its outputs are cloned out of inference mode so that
-    losses may save them for the student's backward pass."""
-    with torch.inference_mode():
-        out = teacher(x, is_feat=True, preact=preact)
-    return type(out)([f.clone() for f in out.feats], out.logits.clone())
+    """The frozen teacher without autograd. ``no_grad`` rather than ``inference_mode``: losses may save its
+    outputs for the student's backward pass, which inference tensors forbid (they would need a copy of every
+    feature at every step)."""
+    with torch.no_grad():
+        return teacher(x, is_feat=True, preact=preact)
 
 
 class DistillObjective(Objective):
@@ -268,7 +270,10 @@ def train_one_epoch(
     meter = Meter(device)
     start = time.perf_counter()
     stopped_at = None
-    pending: tuple[int, torch.Tensor] | None = None  # the previous step's loss, checked one step late
+    # The first step whose loss was not finite, kept on the device (NOT_SEEN: none yet) and read only at the
+    # print interval and at the end of the epoch, so the host can queue steps ahead of the device.
+    first_bad = torch.full((), NOT_SEEN, dtype=torch.int64, device=device)
+    checked_to = step = -1  # the last step whose losses were read as finite; the step
     for step, batch in enumerate(progress(loader)):
         batch, scale = dist.shard(batch)  # one process: the batch itself, scale 1
         try:
@@ -279,18 +284,16 @@ def train_one_epoch(
             # non-finite. Reported like a non-finite loss, so the run stops cleanly on its last good checkpoint.
             raise NonFiniteLoss(f"{label}: non-finite values in a decomposition at epoch {epoch}, step {step}") from exc
         loss = sum(weight * value.float() for weight, value in terms.values())
-        # Several processes: the global batch's loss, so that every process takes the same decisions below.
-        checked = dist.sum(loss.detach() * (scale / dist.world_size)) if dist.enabled else loss
         if control.skip_nonfinite:
-            # Skipping needs the answer before the update: one host sync per step, by request only.
+            # Skipping needs the answer before the update: one host sync per step (and, with several
+            # processes, a collective on the global batch's loss), by request only.
+            checked = dist.sum(loss.detach() * (scale / dist.world_size)) if dist.enabled else loss
             if not bool(torch.isfinite(checked)):
                 control.skipped += 1
                 log.warning("%s: skipped a non-finite loss at epoch %d, step %d", label, epoch, step)
                 continue
-        elif pending is not None:
-            # Checked one step late so that the device already has the next step queued; a bad step's
-            # update never reaches a checkpoint because the run stops here.
-            _raise_if_nonfinite(pending, label, epoch)
+        else:
+            first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad < NOT_SEEN), first_bad, step)
         optimizer.zero_grad(set_to_none=True)
         if hasattr(optimizer, "step_kd"):  # DOT: the task and distillation gradients go to separate momenta
             _dot_step(terms, optimizer)
@@ -298,9 +301,8 @@ def train_one_epoch(
             # DDP averages the processes' gradients; weighting each process's mean loss by its share of the
             # global batch makes that average the gradient of the global batch's mean loss.
             scaler.scale(loss * scale if dist.enabled else loss).backward()
-            scaler.step(optimizer)
+            scaler.step(optimizer)  # fp16 only: GradScaler reads its inf flag on the host here (bf16 does not)
             scaler.update()
-        pending = (step, checked.detach())
 
         n = batch.target.shape[0]
         meter.count += n
@@ -309,14 +311,14 @@ def train_one_epoch(
             meter.add(f"loss_{name}", value, n)
         (correct,) = topk_correct(logits.detach(), batch.target)
         meter.add("acc", correct * (100.0 / n), n)
-        if print_freq and step % print_freq == 0 and log.isEnabledFor(logging.DEBUG):
-            averages = meter.averages()
-            log.debug("%s epoch %d step %d: %s", label, epoch, step, averages)
+        if print_freq and step % print_freq == 0:
+            checked_to = _raise_if_nonfinite(first_bad, checked_to, step, label, epoch, dist)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s epoch %d step %d: %s", label, epoch, step, meter.averages())
         if control.stop_requested():
             stopped_at = step + 1
             break
-    if pending is not None:
-        _raise_if_nonfinite(pending, label, epoch)
+    _raise_if_nonfinite(first_bad, checked_to, step, label, epoch, dist)  # before any checkpoint is written
     result = meter.averages(dist)
     result["images"] = meter.count
     result["seconds"] = time.perf_counter() - start
@@ -341,11 +343,23 @@ def _dot_step(terms: Terms, optimizer: torch.optim.Optimizer) -> None:
     optimizer.step()
 
 
-def _raise_if_nonfinite(pending: tuple[int, torch.Tensor], label: str, epoch: int) -> None:
-    step, loss = pending
-    value = loss.item()
-    if not math.isfinite(value):
-        raise NonFiniteLoss(f"{label}: the loss is {value} at epoch {epoch}, step {step}")
+NOT_SEEN = 2**62  # first_bad's value while every loss was finite
+
+
+def _raise_if_nonfinite(
+    first_bad: torch.Tensor, checked_to: int, step: int, label: str, epoch: int, dist: Distributed
+) -> int:
+    """Read the device's record of non-finite losses (one host sync; several processes: one MIN collective)
+    and raise if any step up to ``step`` had one; returns ``step``, now checked."""
+    if dist.enabled:
+        first_bad = dist.min(first_bad)
+    first = int(first_bad)
+    if first < NOT_SEEN:
+        raise NonFiniteLoss(
+            f"{label}: the loss is not finite at epoch {epoch}, step {first} "
+            f"(found between steps {checked_to + 1} and {step}, at the check after step {step})"
+        )
+    return step
 
 
 @torch.no_grad()

@@ -64,7 +64,10 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     add("--eval_batch_size", type=int, default=None, help="evaluation batch size (default: 1000 on GPU, 100 on CPU)")
     add("--drop_last", action="store_true", help="drop the last partial training batch")
     add("--amp", type=str, default="none", choices=["none", "bf16", "fp16"], help="autocast precision")
-    add("--channels_last", action="store_true", help="channels-last memory format")
+    # On by default (results equal up to float rounding, tests/test_fastpath.py); RepDistiller's commands that do
+    # not name it get it too. --no_channels_last: NCHW, as RepDistiller.
+    add("--channels_last", action="store_true", default=True, help="channels-last memory format (default)")
+    add("--no_channels_last", dest="channels_last", action="store_false", help="NCHW memory format")
     add("--compile", action="store_true", help="torch.compile the model forwards")
     add("--skip_nonfinite", action="store_true", help="skip steps whose loss is not finite (counted)")
     add("--sync_bn", action="store_true", help="torchrun: BatchNorm statistics over the global batch")
@@ -96,7 +99,12 @@ def student_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--fold_teacher_bn",
         action="store_true",
-        help="fold the frozen teacher's BatchNorms into its convolutions (faster; outputs equal up to rounding)",
+        default=True,
+        help="fold the frozen teacher's BatchNorms into its convolutions (default; faster; checked against the "
+        "unfolded teacher at start, outputs equal up to rounding)",
+    )
+    parser.add_argument(
+        "--no_fold_teacher_bn", dest="fold_teacher_bn", action="store_false", help="keep the teacher's BatchNorms"
     )
     parser.add_argument(
         "--two_views",

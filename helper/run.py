@@ -42,7 +42,7 @@ log = logging.getLogger("kd")
 # Flags that may differ between a run and its resumption; every other flag must match.
 RESUME_FREE_FLAGS = {
     "resume", "device", "print_freq", "tb_freq", "num_workers", "save_freq", "compile", "eval_batch_size",
-    "data_folder", "epochs",
+    "data_folder", "epochs", "channels_last", "fold_teacher_bn",  # the last two change float rounding only
 }  # fmt: skip
 
 

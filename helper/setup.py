@@ -60,9 +60,14 @@ def compile_forward(model: nn.Module) -> None:
     CPU convolutions run on pre-packed weights (the teacher's forward, about 40% of a distillation step,
     is 10-15% faster on a CPU). Freezing assumes the weights never change, which holds for the teacher.
 
-    Compilation happens at the first call, so that is where an unsupported platform fails: the first
-    failure logs a warning and the model runs eagerly from then on.
+    Compilation happens at a call (the first, and any that brings new shapes): an error raised by the
+    compiler there (``torch._dynamo``'s exceptions, which wrap the backend's) logs a warning and the model runs
+    eagerly from then on. Any other error (out of memory, a device assert, a bad input) is the run's own and
+    is raised as it is: falling back would hide it and re-run the step.
     """
+    # What compiling raises: dynamo's exceptions, which also wrap the backend's (BackendCompilerFailed).
+    from torch._dynamo.exc import TorchDynamoException as CompileError  # imported only with --compile
+
     eager = model.forward
     frozen = not model.training and not any(p.requires_grad for p in model.parameters())
     current = {"forward": torch.compile(eager, options={"freezing": True} if frozen else None)}
@@ -70,11 +75,24 @@ def compile_forward(model: nn.Module) -> None:
     def forward(*args: object, **kwargs: object) -> object:
         try:
             return current["forward"](*args, **kwargs)
-        except Exception as exc:  # backend errors differ by platform and version
-            if current["forward"] is eager:
+        except CompileError as exc:
+            if current["forward"] is eager or isinstance(exc.__cause__, torch.OutOfMemoryError):
                 raise
             log.warning("--compile: torch.compile failed here (%s: %s); running eagerly", type(exc).__name__, exc)
             current["forward"] = eager
             return eager(*args, **kwargs)
 
     model.forward = forward  # type: ignore[method-assign]
+
+
+def log_fast_path(args: argparse.Namespace) -> None:
+    """One line of the run log that says which speed settings this run used (args.json has them as flags)."""
+    parts = [
+        "channels-last" if args.channels_last else "NCHW (--no_channels_last)",
+        f"precision {'fp32' if args.amp == 'none' else args.amp}",
+        "compiled" if args.compile else "eager",
+    ]
+    if hasattr(args, "fold_teacher_bn"):
+        folded = "teacher BatchNorms folded" if args.fold_teacher_bn else "teacher unfolded (--no_fold_teacher_bn)"
+        parts.insert(1, folded)
+    log.info("speed settings: %s", ", ".join(parts))

@@ -94,8 +94,8 @@ class Setting:
 
     def flags(self) -> list[str]:
         return (
-            ["--amp", self.amp] + ["--channels_last"] * self.channels_last + ["--fold_teacher_bn"] * self.fold
-            + ["--compile"] * self.compile
+            ["--amp", self.amp] + (["--channels_last"] if self.channels_last else ["--no_channels_last"])
+            + (["--fold_teacher_bn"] if self.fold else ["--no_fold_teacher_bn"]) + ["--compile"] * self.compile
         )  # fmt: skip
 
     @classmethod

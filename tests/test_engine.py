@@ -58,6 +58,20 @@ def test_repdistiller_defaults():
     assert teacher_parser().parse_args([]).model == "resnet110"
 
 
+def test_fast_defaults_are_on_and_each_has_a_flag_to_turn_it_off():
+    # RepDistiller's KD command, verbatim (scripts/run_cifar_distill.sh): channels-last and folding by default.
+    repdistiller = ["--path_t", "t.pth", "--distill", "kd", "--model_s", "resnet8x4"]
+    repdistiller += ["-r", "0.1", "-a", "0.9", "-b", "0", "--trial", "1"]
+    args = student_parser().parse_args(repdistiller)
+    assert (args.channels_last, args.fold_teacher_bn) == (True, True)
+    args = student_args("--no_channels_last", "--no_fold_teacher_bn")
+    assert (args.channels_last, args.fold_teacher_bn) == (False, False)
+    args = student_args("--channels_last", "--fold_teacher_bn")  # the flags of earlier commands still parse
+    assert (args.channels_last, args.fold_teacher_bn) == (True, True)
+    assert teacher_parser().parse_args(["--no_channels_last"]).channels_last is False
+    assert teacher_parser().parse_args([]).channels_last is True
+
+
 def test_method_choices_come_from_the_registry():
     for name in method_names():
         validate_student_args(student_args("--distill", name))

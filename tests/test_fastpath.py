@@ -170,6 +170,80 @@ def test_compiled_forward_equals_eager(compiler, caplog):
     assert student.fc.weight.grad is not None and torch.isfinite(student.fc.weight.grad).all()
 
 
+class _Failing(nn.Module):
+    """A model whose compiled forward raises ``error`` (as the compiler or the compiled code would)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error, self.lin = error, nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def _compiled_raising(monkeypatch, error: Exception) -> nn.Module:
+    def fake_compile(fn, options=None):
+        def compiled(*args, **kwargs):
+            raise error
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = _Failing(error)
+    compile_forward(model)
+    return model
+
+
+def test_compile_falls_back_to_eager_only_for_a_compiler_error(monkeypatch, caplog):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    x = torch.randn(3, 2)
+    model = _compiled_raising(monkeypatch, BackendCompilerFailed("inductor", RuntimeError("no C++ compiler"), None))
+    with caplog.at_level(logging.WARNING, logger="kd"):
+        torch.testing.assert_close(model(x), model.lin(x))  # the eager result, once the compiler failed
+    assert any("torch.compile failed" in r.getMessage() for r in caplog.records)
+    # Errors of the run itself are raised as they are, never re-run eagerly.
+    for error in (torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("device-side assert triggered")):
+        model = _compiled_raising(monkeypatch, error)
+        with pytest.raises(type(error), match=str(error)):
+            model(x)
+
+
+def test_no_recompilation_after_the_first_epoch(monkeypatch):
+    """Two epochs with a partial last batch, the teacher's and the student's evaluation batches (another
+    size, another partial batch): dynamo builds every graph in the first epoch and none in the second. The
+    ``eager`` backend keeps it cheap: recompilation is dynamo's decision (its guards), whatever the backend."""
+    from torch._dynamo.utils import counters
+
+    from dataset import DeviceLoader
+    from helper.engine import evaluate
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, options=None: real_compile(fn, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    student, teacher = create_model("resnet8", num_classes=5), create_model("resnet8", num_classes=5)
+    teacher.eval().requires_grad_(False)
+    compile_forward(student)
+    compile_forward(teacher)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (22, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.arange(22) % 5
+    train = DeviceLoader(images[:10], labels[:10], 4, CPU, train=True)  # batches of 4, 4, 2
+    test = DeviceLoader(images[10:], labels[10:], 5, CPU, train=False)  # batches of 5, 5, 2
+    objective = DistillObjective(student, teacher, get_method("kd")([], [], default_args(), 10), 0.1, 0.9, 0.0, 4.0)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.01)
+    evaluate(teacher, test, FP32, CPU)  # train_student.py's teacher accuracy at start
+    graphs = []
+    for epoch in (1, 2):
+        train_one_epoch(objective, train.epoch(epoch), optimizer, FP32, FP32.scaler(), CPU, epoch)
+        evaluate(student, test, FP32, CPU)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 4 and graphs[1] == graphs[0], graphs  # 4+: student and teacher, train and eval
+    assert counters["frames"]["ok"] == counters["frames"]["total"]  # every frame compiled, none fell back
+
+
 # ---------------------------------------------------------------------------------------------- the CLI
 
 
@@ -222,6 +296,8 @@ def test_cli_run_with_every_fast_path_flag(compiler, tmp_path):
     args = json.loads((summary_path.parent / "args.json").read_text())["args"]
     assert (args["amp"], args["channels_last"], args["compile"], args["fold_teacher_bn"]) == ("bf16", True, True, True)
     assert "teacher: 9 BatchNorms folded" in proc.stderr  # resnet8: stem, 6 in the blocks, 2 in shortcuts
+    run_log = (summary_path.parent / "run.log").read_text()
+    assert "speed settings: channels-last, teacher BatchNorms folded, precision bf16, compiled" in run_log
 
 
 # ---------------------------------------------------------------------------------------------- BN folding

@@ -271,6 +271,7 @@ def test_apply_strong_contract(images):
         apply_strong(batch[:16], draws)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_cpu(images):
     draws = draw_strong(len(images), torch.Generator().manual_seed(12))
