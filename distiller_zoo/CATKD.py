@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Distiller, PairError, Shapes, register
+from .base import Distiller, PairError, Shapes, adaptive_avg_pool2d, register
 
 __all__ = ["cat_loss", "class_activation_maps"]
 
@@ -26,7 +26,7 @@ def class_activation_maps(feat: torch.Tensor, weight: torch.Tensor, resolution: 
     Pooled before the 1x1 product, which is the same map (both are linear in the positions) at R^2 / (H W) of
     the cost.
     """
-    pooled = F.adaptive_avg_pool2d(feat.float(), (resolution, resolution))  # (B, C, R, R)
+    pooled = adaptive_avg_pool2d(feat.float(), (resolution, resolution))  # (B, C, R, R)
     return torch.einsum("kc,bcij->bkij", weight.float(), pooled)  # (B, K, R, R)
 
 

@@ -28,7 +28,8 @@ MASKED = -1e9
 
 def binary_log(log_p: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(B, 2): ``log p[index]`` and ``log(1 - p[index])`` (as a log-sum-exp of the other classes)."""
-    at = F.one_hot(index, log_p.shape[1]).bool()  # (B, C)
+    # A comparison, not F.one_hot: one_hot checks the index values on the host (a device sync per step).
+    at = torch.arange(log_p.shape[1], device=log_p.device)[None, :] == index[:, None]  # (B, C)
     picked = log_p.gather(1, index[:, None])[:, 0]  # (B,)
     return torch.stack([picked, log_p.masked_fill(at, float("-inf")).logsumexp(dim=1)], dim=1)
 

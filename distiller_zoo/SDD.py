@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Distiller, PairError, Shapes, register
+from .base import Distiller, PairError, Shapes, adaptive_avg_pool2d, register
 from .DKD import dkd_terms, linear_warmup, warmup_epochs
 
 __all__ = ["complementary_weights", "region_logits", "sdd_loss"]
@@ -30,8 +30,8 @@ BASE_GRID = 4
 def region_logits(feature_map: torch.Tensor, classifier: nn.Module, scales: Sequence[int]) -> torch.Tensor:
     """Logits of every region, shape (N, B, K): N = sum of s^2 over ``scales`` (in the given order, each grid
     row-major), B the batch, K the classes. The first region is the global one when ``scales[0] == 1``."""
-    base = F.adaptive_avg_pool2d(feature_map.float(), BASE_GRID)  # (B, C, 4, 4)
-    pooled = [F.adaptive_avg_pool2d(base, s).flatten(2) for s in scales]  # (B, C, s*s) each
+    base = adaptive_avg_pool2d(feature_map.float(), BASE_GRID)  # (B, C, 4, 4)
+    pooled = [adaptive_avg_pool2d(base, s).flatten(2) for s in scales]  # (B, C, s*s) each
     regions = torch.cat(pooled, dim=2).permute(2, 0, 1)  # (N, B, C)
     n, b, c = regions.shape
     return classifier(regions.reshape(n * b, c)).view(n, b, -1)  # (N, B, K)

@@ -222,6 +222,17 @@ def tiny_objective(
     distiller = cls(s_shapes, t_shapes, args, n_data)
     distiller.bind_teacher(teacher)
     teacher.to(device), student.to(device), distiller.to(device)
+    distiller.bind_student(student)  # SDD hooks the student's pooled map, CAT-KD reads its classifier
+    if cls.needs_train_pass:  # WKD-L: its class costs from the teacher over a few (unaugmented) images
+        import tempfile
+
+        from dataset import DeviceLoader
+
+        g = torch.Generator().manual_seed(1)
+        images = torch.randint(0, 256, (4 * n_data, 3, 32, 32), dtype=torch.uint8, generator=g)
+        plain = DeviceLoader(images, torch.arange(4 * n_data) % 5, batch, device, train=False)
+        with tempfile.TemporaryDirectory() as folder:
+            distiller.prepare(teacher, plain, folder)
     kd = kd_term(args).to(device)
     if init:
         distiller.set_stage("init")
