@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--student", default="resnet8", help="student architecture (default resnet8, 0.08 M params)")
     add("--epochs", type=int, default=6, help="epochs per run (default 6)")
     add("--train_size", type=int, default=5000, help="class-balanced training images (default 5000)")
+    add("--batch_size", type=int, default=32, help="training batch (default 32; RepDistiller: 64)")
     add("--methods", default="kd dkd crd", help="methods besides vanilla (default: 'kd dkd crd')")
     add("--seeds", default="0 1", help="seeds of every method (default: '0 1'); each seed also picks the subset")
     add("--jobs", type=int, default=2, help="runs at a time, each with cores/jobs threads (default 2)")
@@ -64,10 +65,13 @@ def decay_epochs(epochs: int) -> str:
 
 
 def method_flags(method: str, epochs: int, train_size: int) -> list[str]:
-    """Published weights: RepDistiller's scripts/run_cifar_distill.sh (kd, crd, ...) and mdistiller's CFG.DKD."""
+    """Published weights: RepDistiller's scripts/run_cifar_distill.sh (kd, crd, ...), mdistiller's for DKD."""
+    dkd_warmup = epochs * DKD_WARMUP_FRACTION
     flags = {
         "kd": ["-r", "0.1", "-a", "0.9", "-b", "0"],
-        "dkd": ["-r", "1", "-a", "0", "-b", "1", "--dkd_warmup", f"{epochs * DKD_WARMUP_FRACTION:.3g}"],
+        # mdistiller's beta for its smallest ResNet pair (configs/cifar100/dkd/res56_res20.yaml, commit e8c5bb3:
+        # BETA 2.0); its 20 warm-up epochs of 240 scaled to the short schedule (under one epoch: no ramp).
+        "dkd": ["-r", "1", "-a", "0", "-b", "1", "--dkd_beta", "2", "--dkd_warmup", f"{dkd_warmup:.3g}"],
         "crd": ["-a", "0", "-b", "0.8"],
         "crd+kd": ["-a", "1", "-b", "0.8"],
         "hint": ["-a", "0", "-b", "100"],
@@ -119,10 +123,11 @@ def build_jobs(args: argparse.Namespace, teacher: Path, py: str = sys.executable
     costs about as much CPU as two student epochs here); the others pass --no_teacher_eval.
     """
     save = args.out / "save"
-    tag = f"{args.student}_T-{args.teacher}_n{args.train_size}_ep{args.epochs}"
+    tag = f"{args.student}_T-{args.teacher}_n{args.train_size}_ep{args.epochs}_bs{args.batch_size}"
     schedule = [
         "--epochs", str(args.epochs), "--lr_decay_epochs", decay_epochs(args.epochs),
-        "--train_size", str(args.train_size), "--save_dir", str(save), "--resume", "auto",
+        "--train_size", str(args.train_size), "--batch_size", str(args.batch_size),
+        "--save_dir", str(save), "--resume", "auto",
         # Evaluation once, after the last epoch, on the full test set (every epoch cost a third of vanilla's time).
         # Batches of 500 and channels-last convolutions measured fastest on 2 CPU cores; neither changes results.
         "--eval_freq", str(args.epochs), "--eval_batch_size", "500", "--channels_last",
@@ -250,10 +255,11 @@ def verdict_lines(results: list[Verdict], min_gap: float = MIN_GAP) -> list[str]
         if v.gap is None:
             lines.append(head)
             continue
+        outcome = "beats vanilla" if v.wins else "does NOT beat vanilla"
         lines.append(
             f"{head}  gap {v.gap:+.2f}, spread {v.spread:.2f}: "
             f"gap >= {min_gap:g} {'yes' if v.gap >= min_gap else 'NO'}, "
-            f"gap > spread {'yes' if v.gap > v.spread else 'NO'} -> {'beats vanilla' if v.wins else 'does NOT beat vanilla'}"
+            f"gap > spread {'yes' if v.gap > v.spread else 'NO'} -> {outcome}"
         )
     won = [v.method for v in results if v.wins]
     lost = [v.method for v in results if v.wins is False]
@@ -314,7 +320,8 @@ def report_on(jobs: list[Job], args: argparse.Namespace, teacher: Path) -> bool:
     print(f"\nTeacher {args.teacher} ({shown(str(teacher))}): {first.get('teacher_acc') or float('nan'):.2f}% on the "
           "10,000 test images (evaluated by the first distillation run).")  # fmt: skip
     print(f"Top-1 (%) of {args.student} on the 10,000 test images after {args.epochs} epochs on "
-          f"{args.train_size:,} images, mean ± sample std over seeds {args.seeds}; spread = sqrt(std^2 + std_vanilla^2):")  # fmt: skip
+          f"{args.train_size:,} images, mean ± sample std over seeds {args.seeds}; "
+          "spread = sqrt(std^2 + std_vanilla^2):")  # fmt: skip
     if "vanilla" not in accs or len(accs) < 2:
         print("  (not enough finished runs for a verdict)")
         return False

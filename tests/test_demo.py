@@ -149,8 +149,9 @@ def test_eval_freq_and_no_teacher_eval(tmp_path: Path):
     torch.manual_seed(0)
     torch.save({"model": create_model("resnet8").state_dict()}, teacher)
     cmd = [
-        sys.executable, str(ROOT / "train_student.py"), "--path_t", str(teacher), "--model_t", "resnet8", "--model_s", "resnet8",
-        "--epochs", "3", "--eval_freq", "2", "--no_teacher_eval", "--train_size", "100", "--test_size", "100",
+        sys.executable, str(ROOT / "train_student.py"), "--path_t", str(teacher), "--model_t", "resnet8",
+        "--model_s", "resnet8", "--epochs", "3", "--eval_freq", "2", "--no_teacher_eval", "--train_size", "100",
+        "--test_size", "100",
         "--data_folder", str(DATA), "--save_dir", str(tmp_path), "--run_name", "r",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
