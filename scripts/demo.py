@@ -43,8 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--teacher", default="resnet20", help="teacher architecture, a trained checkpoint (default resnet20)")
     add("--student", default="resnet8", help="student architecture (default resnet8, 0.08 M params)")
-    add("--epochs", type=int, default=6, help="epochs per run (default 6)")
-    add("--train_size", type=int, default=5000, help="class-balanced training images (default 5000)")
+    add("--epochs", type=int, default=5, help="epochs per run (default 5)")
+    add("--train_size", type=int, default=4000, help="class-balanced training images (default 4000)")
     add("--batch_size", type=int, default=32, help="training batch (default 32; RepDistiller: 64)")
     add("--methods", default="kd dkd crd", help="methods besides vanilla (default: 'kd dkd crd')")
     add("--seeds", default="0 1", help="seeds of every method (default: '0 1'); each seed also picks the subset")
