@@ -175,9 +175,8 @@ def start(job: Job, env: dict[str, str], logs: Path) -> subprocess.Popen:
     return proc
 
 
-def run_jobs(jobs: list[Job], epochs: int, slots: int, env: dict[str, str], logs: Path) -> None:
-    """Run the unfinished jobs, ``slots`` at a time; each job's wall and CPU time (user+sys) from os.wait4."""
-    logs.mkdir(parents=True, exist_ok=True)
+def unfinished(jobs: list[Job], epochs: int) -> list[Job]:
+    """The jobs still to run; the finished ones are marked kept and their commands shown."""
     pending = []
     for job in jobs:
         if finished(job, epochs):
@@ -185,24 +184,37 @@ def run_jobs(jobs: list[Job], epochs: int, slots: int, env: dict[str, str], logs
             print(f"\n$ {shlex.join(shown(a) for a in job.cmd)}\n  (finished by an earlier demo: kept)")
         else:
             pending.append(job)
+    return pending
+
+
+def run_jobs(jobs: list[Job], epochs: int, slots: int, env: dict[str, str], logs: Path) -> None:
+    """Run the unfinished jobs, ``slots`` at a time; each job's wall and CPU time (user+sys) from os.wait4."""
+    logs.mkdir(parents=True, exist_ok=True)
+    pending = unfinished(jobs, epochs)
     running: dict[int, tuple[Job, subprocess.Popen, float]] = {}
-    while pending or running:
-        while pending and len(running) < slots:
-            job = pending.pop(0)
-            proc = start(job, env, logs)
-            running[proc.pid] = (job, proc, time.perf_counter())
-        pid, status, usage = os.wait4(-1, 0)
-        if pid not in running:
-            continue
-        job, proc, started = running.pop(pid)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        proc.pump.join()  # type: ignore[attr-defined]
-        job.wall, job.cpu = time.perf_counter() - started, usage.ru_utime + usage.ru_stime
-        if proc.returncode != 0:
-            for _, other, _ in running.values():
-                other.terminate()  # they save a checkpoint and stop: a rerun resumes them
-            sys.exit(f"demo: {job.label} failed with exit status {proc.returncode} (log: {logs / job.folder.name}.log)")
-        print(f"  {job.label}: done in {job.wall:.0f} s wall, {job.cpu:.0f} s CPU", flush=True)
+    try:
+        while pending or running:
+            while pending and len(running) < slots:
+                job = pending.pop(0)
+                proc = start(job, env, logs)
+                running[proc.pid] = (job, proc, time.perf_counter())
+            pid, status, usage = os.wait4(-1, 0)
+            if pid not in running:
+                continue
+            job, proc, started = running.pop(pid)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            proc.pump.join()  # type: ignore[attr-defined]
+            job.wall, job.cpu = time.perf_counter() - started, usage.ru_utime + usage.ru_stime
+            if proc.returncode != 0:
+                for _, other, _ in running.values():
+                    other.terminate()  # they save a checkpoint and stop: a rerun resumes them
+                log = logs / f"{job.folder.name}.log"
+                sys.exit(f"demo: {job.label} failed with exit status {proc.returncode} (log: {log})")
+            print(f"  {job.label}: done in {job.wall:.0f} s wall, {job.cpu:.0f} s CPU", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C reached the runs too: each saves a checkpoint at its next step
+        for _, proc, _ in running.values():
+            proc.wait()
+        sys.exit("demo: interrupted; run it again to resume (finished runs are kept)")
 
 
 # ----------------------------------------------------------------------------------------------------------
