@@ -125,8 +125,12 @@ def build(args: argparse.Namespace) -> Run:
         stages.insert(0, init)
 
     deployed = distiller.deploy(student)
-    teacher_acc = evaluate(teacher, data.test_loader, precision, device)
-    log.info("teacher %s (%s): test accuracy %.2f", arch_t, args.path_t, teacher_acc["acc"])
+    teacher_acc = {"acc": None}
+    if args.no_teacher_eval:
+        log.info("teacher %s (%s): test evaluation skipped (--no_teacher_eval)", arch_t, args.path_t)
+    else:
+        teacher_acc = evaluate(teacher, data.test_loader, precision, device)
+        log.info("teacher %s (%s): test accuracy %.2f", arch_t, args.path_t, teacher_acc["acc"])
     log.info(
         "student %s, method %s: gamma %g alpha %g beta %g, lr %g%s%s",
         args.model_s, args.distill, weights.gamma, weights.alpha, weights.beta, lr,

@@ -62,6 +62,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     add("--save_dir", type=str, default="./save", help="root of the run folders")
     add("--run_name", type=str, default=None, help="run folder name (default: RepDistiller's naming)")
     add("--eval_batch_size", type=int, default=None, help="evaluation batch size (default: 1000 on GPU, 100 on CPU)")
+    add("--eval_freq", type=int, default=1, help="test-set evaluation every N epochs, and after the last")
     add("--drop_last", action="store_true", help="drop the last partial training batch")
     add("--amp", type=str, default="none", choices=["none", "bf16", "fp16"], help="autocast precision")
     # On by default (results equal up to float rounding, tests/test_fastpath.py); RepDistiller's commands that do
@@ -105,6 +106,11 @@ def student_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--no_fold_teacher_bn", dest="fold_teacher_bn", action="store_false", help="keep the teacher's BatchNorms"
+    )
+    parser.add_argument(
+        "--no_teacher_eval",
+        action="store_true",
+        help="skip the teacher's test-set evaluation before training (its accuracy is then not recorded)",
     )
     parser.add_argument(
         "--two_views",
@@ -286,7 +292,7 @@ def _finite(args: argparse.Namespace) -> None:
 
 def _check_common(args: argparse.Namespace) -> None:
     _finite(args)
-    _positive(args, "epochs", "batch_size", "learning_rate", "save_freq", "print_freq", "eval_batch_size")
+    _positive(args, "epochs", "batch_size", "learning_rate", "save_freq", "print_freq", "eval_batch_size", "eval_freq")
     _positive(args, "train_size", "test_size", "lr_decay_rate")
     _non_negative(args, "val_size", "weight_decay", "momentum")
     lr_decay_epochs(args)

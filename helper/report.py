@@ -47,6 +47,7 @@ NEUTRAL_FLAGS = frozenset(
     {
         "print_freq", "tb_freq", "save_freq", "num_workers", "data_folder", "seed", "trial", "deterministic",
         "resume", "device", "save_dir", "run_name", "eval_batch_size", "compile", "channels_last", "fold_teacher_bn",
+        "eval_freq", "no_teacher_eval",
         "skip_nonfinite", "dataset", "model", "model_s", "model_t", "path_t", "distill",
         # Reported elsewhere: the loss weights, the schedule length, the data subset, the learning rate.
         "gamma", "alpha", "beta", "epochs", "train_size", "val_size", "learning_rate",

@@ -42,7 +42,8 @@ log = logging.getLogger("kd")
 # Flags that may differ between a run and its resumption; every other flag must match.
 RESUME_FREE_FLAGS = {
     "resume", "device", "print_freq", "tb_freq", "num_workers", "save_freq", "compile", "eval_batch_size",
-    "data_folder", "epochs", "channels_last", "fold_teacher_bn",  # the last two change float rounding only
+    "data_folder", "epochs", "eval_freq",
+    "channels_last", "fold_teacher_bn",  # these two change float rounding only
 }  # fmt: skip
 
 
@@ -498,7 +499,7 @@ def _epoch_row(run: Run, stage: Stage, epoch: int, lr: float, stats: dict, best:
     row.update({k: v for k, v in stats.items() if k.startswith("loss_")})
     row["epoch_time"] = stats["seconds"]
     row["images_per_sec"] = stats["images"] / max(stats["seconds"], 1e-9)
-    if stage.evaluate:
+    if stage.evaluate and (epoch % run.args.eval_freq == 0 or epoch == stage.epochs):
         test = evaluate(run.evaluated, run.test_loader, run.precision, run.device, dist=run.dist)
         row.update(test_acc=test["acc"], test_acc_top5=test["acc_top5"], test_loss=test["loss"])
         if stage.name == "main":
