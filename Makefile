@@ -9,7 +9,7 @@ export CIFAR100_ROOT ?= $(if $(wildcard $(SHARED)/data/cifar-100-python),$(SHARE
 export OMP_WAIT_POLICY ?= PASSIVE
 export KD_TEACHERS ?= $(if $(wildcard $(SHARED)/teachers),$(SHARED)/teachers,./save/models)
 
-.PHONY: venv test lint demo bench clean gpu-check
+.PHONY: venv test test-all lint demo bench clean gpu-check
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,12 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 venv: $(VENV)/.installed
 
+# CI and `make test`: every test but the few long end-to-end runs marked `long` (each repeats, through the CLI,
+# what an in-process test checks); `make test-all` runs them too.
 test: venv
+	$(PY) -m pytest -q -m "not long"
+
+test-all: venv
 	$(PY) -m pytest -q
 
 lint: venv

@@ -258,6 +258,7 @@ def test_dot_refuses_fp16() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize(
     "flags",
     ["--distill sdd_kd -r 0.1 -a 0 -b 0.9 --sdd_scales 1,2", "--distill sdd_dkd -r 1 -a 0 -b 1 --dkd_beta 2",
