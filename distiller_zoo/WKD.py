@@ -173,7 +173,8 @@ class WKDLDistiller(Distiller):
     def raw_cost(self, teacher: nn.Module, train_loader: Any, folder: Any) -> torch.Tensor:
         device = next(teacher.parameters()).device
         if self.args.wkd_cost == "fc":
-            w = F.normalize([m for m in teacher.modules() if isinstance(m, nn.Linear)][-1].weight.float(), dim=1)
+            fc = [m for m in teacher.modules() if isinstance(m, nn.Linear)][-1]
+            w = F.normalize(fc.weight.detach().float(), dim=1)  # (C, D): a constant of the run, no gradient
             return 1 - w @ w.t()
         key = file_sha256(self.path_t) if self.path_t else "no-checkpoint"
         path = Path(folder) / f"wkd_cost_{key[:16]}_n{train_loader.num_images}.pt"

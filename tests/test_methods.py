@@ -43,7 +43,9 @@ EXPECTED_REFUSALS = {
     "catkd": {("vgg13", "MobileNetV2"), ("ResNet50", "MobileNetV2"), ("resnet32x4", "ShuffleV2")},
 }
 # Untrained teachers are never confident: CRLD's confidence masks would drop every sample (a zero loss).
-METHOD_ARGS = {"crld": {"crld_tau_w": 0.0, "crld_tau_s": 0.0}}
+# WKD-L: its class cost from the teacher's classifier (cheap); the CKA cost over the training images (about 30 s
+# to minutes per pair on a CPU) has its own tests in test_sdd_wkd_dot.py.
+METHOD_ARGS = {"crld": {"crld_tau_w": 0.0, "crld_tau_s": 0.0}, "wkd_l": {"wkd_cost": "fc"}}
 
 REPDISTILLER_METHODS = {
     "kd", "hint", "attention", "similarity", "correlation", "vid", "rkd", "pkt",
