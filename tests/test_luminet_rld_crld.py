@@ -14,6 +14,7 @@ import pytest
 import torch
 from shared_paths import DATA, SHARED
 from test_cli import SMALL, only_folder, run
+from test_newer_methods import TARGET, Z_S, Z_T, kl, softmax, t
 from test_scripts import _newer, flag
 
 from dataset.batch import Batch
@@ -24,23 +25,6 @@ from distiller_zoo.LumiNet import luminet_loss, perception
 from distiller_zoo.RLD import rld_loss, rld_terms
 from helper.options import UsageError, student_parser, student_run_folder, validate_student_args
 from models import FeatureOutput
-
-Z_S = [[1.0, 2.0, 3.0], [0.0, 1.0, 0.0]]  # student logits, 2 samples x 3 classes
-Z_T = [[3.0, 1.0, 0.0], [1.0, 0.0, 2.0]]  # teacher logits
-TARGET = [0, 2]
-
-
-def t(rows: list[list[float]]) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.float32)
-
-
-def softmax(row: list[float], T: float = 1.0) -> list[float]:
-    e = [math.exp(v / T) for v in row]
-    return [v / sum(e) for v in e]
-
-
-def kl(p: list[float], q: list[float]) -> float:
-    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
 
 
 def randn(seed: int, *shape: int, scale: float = 3.0) -> torch.Tensor:

@@ -43,7 +43,7 @@ def softmax(row: list[float], T: float = 1.0) -> list[float]:
 
 
 def kl(p: list[float], q: list[float]) -> float:
-    return sum(a * math.log(a / b) for a, b in zip(p, q))
+    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)  # 0 log 0 = 0
 
 
 def logits_out(logits: torch.Tensor) -> FeatureOutput:
