@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Distiller, PairError, Shapes, adaptive_avg_pool2d, register
+from common.errors import PairError
+
+from .base import Distiller, Shapes, adaptive_avg_pool2d, register
 
 __all__ = ["cat_loss", "class_activation_maps"]
 

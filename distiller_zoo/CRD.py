@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helper.distributed import active, all_gather_rows, all_reduce_sum, shard_rows
+from common.collectives import active, all_gather_rows, all_reduce_sum, shard_rows
 
 from .base import Distiller, Shapes, register
 

@@ -19,7 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Distiller, PairError, Shapes, register
+from common.errors import PairError
+
+from .base import Distiller, Shapes, register
 from .NST import pool_to_smaller
 
 __all__ = ["FSP", "FSPDistiller"]

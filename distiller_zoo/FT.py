@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Distiller, PairError, Shapes, register
+from common.errors import PairError
+
+from .base import Distiller, Shapes, register
 from .NST import pool_to_smaller
 
 __all__ = ["FactorTransfer", "Paraphraser", "Translator", "FT"]
@@ -219,16 +221,11 @@ class FT(Distiller):
     def init_modules(self, student: nn.Module) -> list[nn.Module]:
         return [self.paraphraser]
 
-    def init_lr(self, args: Any, student_name: str) -> float:
+    def init_lr(self, args: Any, student_name: str) -> float | None:
         """The init-stage learning rate, as RepDistiller's helper/pretrain.py: 0.01 for CIFAR ResNet/WRN
-        students, else the run's main learning rate (``--learning_rate``, or RepDistiller's default for
-        the student)."""
-        if student_name in SMALL_INIT_LR_STUDENTS:
-            return SMALL_INIT_LR
-        # Imported here: helper.options imports this package, so a module-level import would be circular.
-        from helper.options import effective_lr
-
-        return effective_lr(args, student_name)
+        students, else ``None``: the run's main learning rate (``--learning_rate``, or RepDistiller's default
+        for the student)."""
+        return SMALL_INIT_LR if student_name in SMALL_INIT_LR_STUDENTS else None
 
     def init_loss(self, out_s: Any, out_t: Any, batch: Any) -> torch.Tensor:
         f_t = out_t.feats[-2]  # (B, C_t, H, W)

@@ -13,7 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Distiller, PairError, Shapes, register
+from common.errors import PairError
+
+from .base import Distiller, Shapes, register
 
 __all__ = ["ConvReg", "HintLoss"]
 

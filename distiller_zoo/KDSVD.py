@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .base import Distiller, PairError, Shapes, register
+from common.errors import PairError
+
+from .base import Distiller, Shapes, register
 
 __all__ = ["KDSVD", "KDSVDDistiller"]
 

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Distiller, PairError, Shapes, register
+from common.errors import PairError
+
+from .base import Distiller, Shapes, register
 
 __all__ = ["ofd_connector", "ofd_margin", "partial_l2"]
 

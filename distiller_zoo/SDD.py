@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Distiller, PairError, Shapes, adaptive_avg_pool2d, register
+from common.errors import PairError
+
+from .base import Distiller, Shapes, adaptive_avg_pool2d, register
 from .DKD import dkd_terms, linear_warmup, warmup_epochs
 
 __all__ = ["complementary_weights", "region_logits", "sdd_loss"]

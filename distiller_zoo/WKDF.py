@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-from .base import Distiller, PairError, Shapes, register
+from common.errors import PairError
+
+from .base import Distiller, Shapes, register
 from .FitNet import ConvReg
 
 __all__ = ["gaussian_moments", "wkdf_loss"]

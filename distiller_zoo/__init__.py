@@ -8,7 +8,9 @@ classes such as ``DistillKL``, ``HintLoss``, ``CRDLoss``, and the adapters) are 
 import importlib
 import pkgutil
 
-from .base import REGISTRY, Distiller, PairError, get_method, kd_term, method_names, register
+from common.errors import PairError
+
+from .base import REGISTRY, Distiller, get_method, kd_term, method_names, register
 
 __all__ = ["REGISTRY", "Distiller", "PairError", "get_method", "kd_term", "method_names", "register"]
 

@@ -63,10 +63,6 @@ from torch import nn
 Shapes = Sequence[torch.Size]
 
 
-class PairError(ValueError):
-    """A method cannot serve a teacher/student pair (raised before any training)."""
-
-
 class Distiller(nn.Module):
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ import torch.distributed as tdist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from common.collectives import active, all_reduce_sum
+from common.errors import UsageError
 from dataset.batch import Batch
 
 log = logging.getLogger("kd")
@@ -44,11 +45,6 @@ def choose_device(name: str | None) -> torch.device:
     if name:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def active() -> bool:
-    """Whether this process is one of several in a process group."""
-    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -95,8 +91,6 @@ class Distributed:
         last = num_images % batch_size if not drop_last else 0
         smallest = last or min(batch_size, num_images)
         if smallest < self.world_size:
-            from helper.options import UsageError  # imported here: helper.options imports the method zoo
-
             raise UsageError(
                 f"--batch_size {batch_size} with {num_images} training images gives a batch of {smallest} "
                 f"images, fewer than the {self.world_size} processes; use a larger --batch_size, --drop_last, "
@@ -185,8 +179,6 @@ def rank_device(device_flag: str | None, local_rank: int) -> torch.device:
     if device.type != "cuda":
         return device
     if device.index is not None:
-        from helper.options import UsageError
-
         raise UsageError(
             f"--device {device_flag} would put every process on one GPU; under torchrun pass --device cuda "
             "(each process takes the GPU of its LOCAL_RANK; CUDA_VISIBLE_DEVICES picks the GPUs)"
@@ -246,44 +238,6 @@ class DDPObjective:
 
     def __call__(self, batch: Batch) -> Any:
         return self.ddp(batch)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Collectives for methods that keep state across the global batch (CRD's memory)
-
-
-def shard_rows(batch_size: int) -> int | None:
-    """The most rows a process takes from a global batch of ``batch_size`` (None for one process)."""
-    return math.ceil(batch_size / tdist.get_world_size()) if active() else None
-
-
-def all_gather_rows(x: torch.Tensor, max_rows: int | None = None) -> torch.Tensor:
-    """The rows of ``x`` (B, ...) from every process, concatenated (no gradient).
-
-    Collectives need equal shapes: each process pads its rows to ``max_rows`` by repeating its first row, so
-    the result may hold duplicate rows (fine for updates that write the same value twice). Without
-    ``max_rows`` the processes first exchange their row counts (one host synchronisation).
-    """
-    if not active():
-        return x
-    x = x.detach()
-    if max_rows is None:
-        count = torch.tensor([x.shape[0]], device=x.device)
-        tdist.all_reduce(count, op=tdist.ReduceOp.MAX)
-        max_rows = int(count.item())
-    if x.shape[0] < max_rows:
-        x = torch.cat([x, x[:1].expand(max_rows - x.shape[0], *x.shape[1:])])
-    parts = [torch.empty_like(x) for _ in range(tdist.get_world_size())]
-    tdist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """The sum over processes of ``x`` (a new tensor, no gradient)."""
-    total = x.detach().clone()
-    if active():
-        tdist.all_reduce(total)
-    return total
 
 
 # ----------------------------------------------------------------------------------------------------------

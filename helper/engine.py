@@ -25,7 +25,6 @@ from torch import nn
 
 from dataset.batch import Batch
 from distiller_zoo import Distiller
-from distiller_zoo.KD import DistillKL
 from helper.distributed import Distributed
 
 log = logging.getLogger(__name__)
@@ -114,16 +113,16 @@ class DistillObjective(Objective):
         gamma: float,
         alpha: float,
         beta: float,
-        kd: nn.Module | float,
+        kd: nn.Module,
         added: Iterable[tuple[str, float, nn.Module]] = (),
     ) -> None:
-        """``kd`` is the KD term's module (e.g. a logit-modified KL) or just its temperature; ``added``:
+        """``kd`` is the KD term's module (``distiller_zoo.kd_term``: RepDistiller's KL, or a logit-modified one); ``added``:
         ``(name, weight, method)`` of the methods added with ``--add``, each a term of its own."""
         self.student, self.teacher, self.distiller = student, teacher, distiller
         self.added = list(added)
         self.gamma, self.alpha = gamma, alpha
         self.beta = beta if distiller.has_loss else 0.0
-        self.kd = kd if isinstance(kd, nn.Module) else DistillKL(kd)
+        self.kd = kd
 
     def train(self) -> None:
         self.student.train()

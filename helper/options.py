@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.errors import UsageError
 from distiller_zoo import get_method, method_names
 from distiller_zoo.base import add_method_arguments
 from distiller_zoo.combine import added_suffix, parse_added
@@ -24,10 +25,6 @@ from models import model_names
 SMALL_LR_MODELS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 DEFAULT_LR = 0.05
 SMALL_LR = 0.01
-
-
-class UsageError(ValueError):
-    """A flag value that cannot work; reported as one line before any work starts."""
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dataset.batch import Batch
-from distiller_zoo import method_names
+from distiller_zoo import DistillKL, method_names
 from helper import checkpoint as ckpt_io
 from helper.engine import (
     ClassifierObjective,
@@ -189,10 +189,10 @@ def test_distill_objective_skips_zero_weights_and_never_trains_the_teacher():
     student, teacher, method = TinyNet(), TinyNet(), CountingMethod()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    objective = DistillObjective(student, teacher, method, gamma=1.0, alpha=0.0, beta=0.0, kd=4.0)
+    objective = DistillObjective(student, teacher, method, gamma=1.0, alpha=0.0, beta=0.0, kd=DistillKL(4.0))
     terms, _ = objective(tiny_batches(1)[0])
     assert list(terms) == ["ce"] and method.calls == 0
-    objective = DistillObjective(student, teacher, method, gamma=0.5, alpha=0.9, beta=2.0, kd=4.0)
+    objective = DistillObjective(student, teacher, method, gamma=0.5, alpha=0.9, beta=2.0, kd=DistillKL(4.0))
     objective.train()
     assert student.training and not teacher.training
     terms, _ = objective(tiny_batches(1)[0])

@@ -17,7 +17,7 @@ from test_cli import SMALL, only_folder, repdistiller_teacher, run  # noqa: F401
 from test_scripts import _newer, commands, flag, run_script
 
 from dataset.batch import Batch
-from distiller_zoo import PairError, get_method
+from distiller_zoo import DistillKL, PairError, get_method
 from distiller_zoo.base import default_args
 from distiller_zoo.CATKD import cat_loss, class_activation_maps
 from distiller_zoo.combine import AddedMethods, added_suffix, parse_added
@@ -278,7 +278,7 @@ def test_added_terms_are_logged_with_their_own_weights() -> None:
     args = default_args()
     wttm = get_method("wttm")(s_shapes, t_shapes, args, 8)
     added = AddedMethods(parse_added(["itrd:0.25"], "wttm"), s_shapes, t_shapes, args, 8)
-    objective = DistillObjective(student, teacher, wttm, 1.0, 0.0, 4.0, 4.0, added)
+    objective = DistillObjective(student, teacher, wttm, 1.0, 0.0, 4.0, DistillKL(4.0), added)
     objective.train()
     terms, _ = objective(batch)
     assert set(terms) == {"ce", "wttm", "itrd"} and terms["itrd"][0] == 0.25 and terms["wttm"][0] == 4.0
@@ -291,7 +291,7 @@ def test_added_terms_are_logged_with_their_own_weights() -> None:
     assert embed.weight.grad is not None and embed.weight.grad.abs().sum() > 0
     # A zero weight is not computed, as for every term.
     zero = AddedMethods([("itrd", 0.0)], s_shapes, t_shapes, args, 8)
-    assert "itrd" not in DistillObjective(student, teacher, wttm, 1.0, 0.0, 4.0, 4.0, zero)(batch)[0]
+    assert "itrd" not in DistillObjective(student, teacher, wttm, 1.0, 0.0, 4.0, DistillKL(4.0), zero)(batch)[0]
 
 
 @pytest.mark.slow

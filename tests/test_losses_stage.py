@@ -14,6 +14,7 @@ from distiller_zoo.AB import ABLoss, Connector
 from distiller_zoo.base import default_args
 from distiller_zoo.FSP import FSP
 from distiller_zoo.FT import FactorTransfer, Paraphraser, Translator
+from helper.options import effective_lr
 from distiller_zoo.KDSVD import KDSVD
 from distiller_zoo.NST import NSTLoss
 from models import FeatureOutput
@@ -274,8 +275,10 @@ def test_ft_forward_matches_factor_transfer_and_paper_flag() -> None:
     ],
 )
 def test_ft_init_lr_quirk(student: str, learning_rate: float | None, expected: float) -> None:
-    ft = build("factor", RESNET8X4, RESNET32X4)
-    assert ft.init_lr(default_args(learning_rate=learning_rate), student) == expected
+    ft, args = build("factor", RESNET8X4, RESNET32X4), default_args(learning_rate=learning_rate)
+    own = ft.init_lr(args, student)  # None: the main learning rate, as train_student.py resolves it
+    assert own == (expected if student in ("resnet8x4", "wrn_16_2") else None)
+    assert (own or effective_lr(args, student)) == expected
 
 
 # ---------------------------------------------------------------------------------------------------------
