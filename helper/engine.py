@@ -116,7 +116,7 @@ class DistillObjective(Objective):
         kd: nn.Module,
         added: Iterable[tuple[str, float, nn.Module]] = (),
     ) -> None:
-        """``kd`` is the KD term's module (``distiller_zoo.kd_term``: RepDistiller's KL, or a logit-modified one); ``added``:
+        """``kd`` is the KD term's module (``distiller_zoo.kd_term``: RepDistiller's KL or a modified one); ``added``:
         ``(name, weight, method)`` of the methods added with ``--add``, each a term of its own."""
         self.student, self.teacher, self.distiller = student, teacher, distiller
         self.added = list(added)

@@ -232,7 +232,8 @@ def test_no_recompilation_after_the_first_epoch(monkeypatch):
     labels = torch.arange(22) % 5
     train = DeviceLoader(images[:10], labels[:10], 4, CPU, train=True)  # batches of 4, 4, 2
     test = DeviceLoader(images[10:], labels[10:], 5, CPU, train=False)  # batches of 5, 5, 2
-    objective = DistillObjective(student, teacher, get_method("kd")([], [], default_args(), 10), 0.1, 0.9, 0.0, DistillKL(4.0))
+    kd = get_method("kd")([], [], default_args(), 10)
+    objective = DistillObjective(student, teacher, kd, 0.1, 0.9, 0.0, DistillKL(4.0))
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01)
     evaluate(teacher, test, FP32, CPU)  # train_student.py's teacher accuracy at start
     graphs = []

@@ -14,9 +14,9 @@ from distiller_zoo.AB import ABLoss, Connector
 from distiller_zoo.base import default_args
 from distiller_zoo.FSP import FSP
 from distiller_zoo.FT import FactorTransfer, Paraphraser, Translator
-from helper.options import effective_lr
 from distiller_zoo.KDSVD import KDSVD
 from distiller_zoo.NST import NSTLoss
+from helper.options import effective_lr
 from models import FeatureOutput
 
 
