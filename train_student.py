@@ -17,16 +17,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
-from dataclasses import asdict  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
-from distiller_zoo import get_method, kd_term  # noqa: E402
+from distiller_zoo import Distiller, get_method, kd_term  # noqa: E402
 from distiller_zoo.combine import AddedMethods, parse_added  # noqa: E402
 from distiller_zoo.DOT import dot_optimizer  # noqa: E402
 from helper import checkpoint as ckpt_io  # noqa: E402
 from helper import distributed  # noqa: E402
-from helper.data import build_data  # noqa: E402
+from helper.data import RunData, build_data  # noqa: E402
 from helper.engine import DistillObjective, InitObjective, Precision, evaluate  # noqa: E402
 from helper.fold import fold_batchnorm  # noqa: E402
 from helper.options import (
@@ -55,7 +58,28 @@ from models import create_model, feature_shapes  # noqa: E402
 log = logging.getLogger("kd")
 
 
+@dataclass
+class Pair:
+    """The teacher and the student of a run, as loaded and built, with their feature shapes."""
+
+    teacher: nn.Module
+    arch_t: str
+    student: nn.Module
+    s_shapes: list[torch.Size]
+    t_shapes: list[torch.Size]
+
+
+@dataclass
+class Methods:
+    """The ``--distill`` method, the ``--add`` methods, and the KD term, once built."""
+
+    distiller: Distiller
+    added: AddedMethods
+    spec: list[tuple[str, float]]  # --add: [(method, weight)]
+
+
 def build(args: argparse.Namespace) -> Run:
+    """Flags -> teacher and student -> run folder -> data -> methods -> models on the device -> stages."""
     validate_student_args(args)
     dist, device = distributed.setup(args.device)  # torchrun's processes, else one
     if args.dot and dist.enabled:
@@ -63,120 +87,157 @@ def build(args: argparse.Namespace) -> Run:
     seed = seed_of(args)
     seed_everything(seed, args.deterministic)
     method = get_method(args.distill)
-    weights = loss_weights(args)
-
     teacher, arch_t, _ = ckpt_io.load_teacher(args.path_t, args.model_t, num_classes=100)
     folder = student_run_folder(args, arch_t)
     resume_path = prepare_folder(folder, args)
+    pair = build_pair(args, method, teacher, arch_t)
+    spec = parse_added(args.add, args.distill)  # checked by the validation
+    for name, _ in spec:  # before the data is built, as for --distill
+        get_method(name).check_pair(pair.s_shapes, pair.t_shapes, args)
+    samplers = [m.make_sampler for m in (method, *(get_method(n) for n, _ in spec)) if m.needs_contrast]
+    data = build_data(args, device, seed, samplers[0] if samplers else None)
+    log_fast_path(args)
+    methods = Methods(
+        dist.batchnorm(method(pair.s_shapes, pair.t_shapes, args, data.n_data), args.sync_bn, device),
+        dist.batchnorm(AddedMethods(spec, pair.s_shapes, pair.t_shapes, args, data.n_data), args.sync_bn, device),
+        spec,
+    )
+    teacher, student = place_models(args, pair, methods, dist, device)
+    prepare_methods(args, methods, student, teacher, data, folder, device)
+    kd = kd_term(args, methods.distiller).to(device)  # with --ctkd: the method's learned temperature, if any
+    precision = Precision(args.amp, device.type)
+    teacher_acc = evaluate_teacher(args, arch_t, teacher, data, precision, device)
+    lr = effective_lr(args, args.model_s)
+    log_start(args, lr, methods)
+    return Run(
+        args=args, method=args.distill, kind="student", folder=folder, device=device, precision=precision,
+        seed=seed, model=student, arch=args.model_s, stages=build_stages(args, lr, student, teacher, methods, kd),
+        train_loader=data.train_loader, test_loader=data.test_loader, val_loader=data.val_loader,
+        extra_state={"distiller": methods.distiller, "kd_term": kd, **({"added": methods.added} if spec else {})},
+        eval_model=methods.distiller.deploy(student),
+        summary=summary_of(args, lr, arch_t, teacher_acc["acc"], student, methods, data.n_data),
+        config={"model_t": arch_t, "lr": lr, "seed": seed, "weights": asdict(loss_weights(args))},
+        resume_path=resume_path, dist=dist,
+    )  # fmt: skip
+
+
+def build_pair(args: argparse.Namespace, method: type[Distiller], teacher: nn.Module, arch_t: str) -> Pair:
+    """The student (freshly initialised) beside the loaded teacher; the method checks it can serve them."""
     student = create_model(args.model_s, num_classes=100)
     if hasattr(student, "preact_bn_twice"):  # WRN: RepDistiller's double BN update, or --wrn_preact_bn once
         student.preact_bn_twice = args.wrn_preact_bn == "twice"
     s_shapes = feature_shapes(student, preact=method.preact)
     t_shapes = feature_shapes(teacher, preact=method.preact)
     method.check_pair(s_shapes, t_shapes, args)
-    added_spec = parse_added(args.add, args.distill)  # --add: [(method, weight)], checked by the validation
-    for name, _ in added_spec:  # before the data is built, as for --distill
-        get_method(name).check_pair(s_shapes, t_shapes, args)
-    contrast = method.needs_contrast or any(get_method(name).needs_contrast for name, _ in added_spec)
-    data = build_data(args, device, seed, contrast=contrast)
-    log_fast_path(args)
-    distiller = dist.batchnorm(method(s_shapes, t_shapes, args, data.n_data), args.sync_bn, device)
-    added = dist.batchnorm(AddedMethods(added_spec, s_shapes, t_shapes, args, data.n_data), args.sync_bn, device)
+    return Pair(teacher, arch_t, student, s_shapes, t_shapes)
 
-    precision = Precision(args.amp, device.type)
-    distiller.bind_teacher(teacher)  # before folding: OFD reads the teacher's BNs
-    added.bind_teacher(teacher)
+
+def place_models(
+    args: argparse.Namespace, pair: Pair, methods: Methods, dist: distributed.Distributed, device: torch.device
+) -> tuple[nn.Module, nn.Module]:
+    """The teacher (bound to the methods, then BatchNorms folded) and the student, on the device."""
+    for m in (methods.distiller, methods.added):
+        m.bind_teacher(pair.teacher)  # before folding: OFD reads the teacher's BNs
+    teacher = pair.teacher
     if args.fold_teacher_bn:
-        teacher, folded = fold_batchnorm(teacher.eval(), preact=method.preact)
+        teacher, folded = fold_batchnorm(teacher.eval(), preact=methods.distiller.preact)
         log.info("teacher: %d BatchNorms folded into their convolutions", folded)
     teacher = prepare_model(teacher, device, args)
-    student = prepare_model(dist.batchnorm(student, args.sync_bn, device), device, args)
+    student = prepare_model(dist.batchnorm(pair.student, args.sync_bn, device), device, args)
+    return teacher, student
+
+
+def prepare_methods(
+    args: argparse.Namespace, methods: Methods, student: nn.Module, teacher: nn.Module, data: RunData,
+    folder: Path, device: torch.device,
+) -> None:  # fmt: skip
+    """The methods on the device, bound to the placed student, with what they derive from the training set."""
+    distiller, added = methods.distiller, methods.added
     distiller.to(device)
     added.to(device)
     distiller.bind_student(student)  # after prepare_model: SDD hooks the student's pooled map, CAT-KD
     added.bind_student(student)  # reads its classifier
-    if method.needs_train_pass:
+    if distiller.needs_train_pass:
         distiller.prepare(teacher, data.train_loader, folder)
     added.prepare(teacher, data.train_loader, folder)
     if args.channels_last:  # the adapters (connectors, regressors) in the models' memory format
         distiller.to(memory_format=torch.channels_last)
         added.to(memory_format=torch.channels_last)
-    lr = effective_lr(args, args.model_s)
-    kd = kd_term(args, distiller).to(device)  # with --ctkd: the method's learned temperature, if it has one
+
+
+def build_stages(
+    args: argparse.Namespace, lr: float, student: nn.Module, teacher: nn.Module, methods: Methods, kd: nn.Module
+) -> list[Stage]:
+    """The main stage, preceded by the method's init stage when it has one. Every epoch first puts the method
+    in its stage (a resumed run too), then runs the per-epoch schedules (warm-ups, learned temperatures)."""
+    distiller, added, weights = methods.distiller, methods.added, loss_weights(args)
+
+    def begin(stage: str, modules: tuple) -> Callable[[int], None]:
+        def hook(epoch: int) -> None:
+            distiller.set_stage(stage)
+            for m in modules:
+                if hasattr(m, "set_epoch"):  # RepDistiller's KL has no schedule
+                    m.set_epoch(epoch, stage)
+
+        return hook
+
+    trained = [student, *distiller.trainable_modules(), *added.trainable_modules(), kd]
     main = Stage(
         "main",
         DistillObjective(student, teacher, distiller, weights.gamma, weights.alpha, weights.beta, kd, added),
-        (dot_optimizer if args.dot else sgd)(
-            [student, *distiller.trainable_modules(), *added.trainable_modules(), kd], lr, args
-        ),
+        (dot_optimizer if args.dot else sgd)(trained, lr, args),
         args.epochs,
         lr_schedule(lr, lr_decay_epochs(args), args.lr_decay_rate),
-        on_epoch=lambda epoch: [m.set_epoch(epoch, "main") for m in (distiller, kd, added) if hasattr(m, "set_epoch")],
+        on_epoch=begin("main", (distiller, kd, added)),
     )
-    stages = [main]
-    if method.init_stage and args.init_epochs > 0:
-        distiller.set_stage("init")  # the init modules must be trainable when their optimizer is built
-        init_objective = InitObjective(student, teacher, distiller)
-        init_lr = distiller.init_lr(args, args.model_s) or lr
-        init = Stage(
-            "init", init_objective, sgd(init_objective.modules, init_lr, args), args.init_epochs,
-            lambda epoch: init_lr, evaluate=False, on_epoch=lambda epoch: distiller.set_epoch(epoch, "init"),
-        )  # fmt: skip
-        stages.insert(0, init)
+    if not (distiller.init_stage and args.init_epochs > 0):
+        return [main]
+    distiller.set_stage("init")  # the init modules must be trainable when their optimizer is built
+    objective = InitObjective(student, teacher, distiller)
+    init_lr = distiller.init_lr(args, args.model_s) or lr
+    init = Stage(
+        "init", objective, sgd(objective.modules, init_lr, args), args.init_epochs, lambda epoch: init_lr,
+        evaluate=False, on_epoch=begin("init", (distiller,)),
+    )  # fmt: skip
+    return [init, main]
 
-    deployed = distiller.deploy(student)
-    teacher_acc = {"acc": None}
+
+def evaluate_teacher(
+    args: argparse.Namespace, arch_t: str, teacher: nn.Module, data: RunData, precision: Precision,
+    device: torch.device,
+) -> dict:  # fmt: skip
     if args.no_teacher_eval:
         log.info("teacher %s (%s): test evaluation skipped (--no_teacher_eval)", arch_t, args.path_t)
-    else:
-        teacher_acc = evaluate(teacher, data.test_loader, precision, device)
-        log.info("teacher %s (%s): test accuracy %.2f", arch_t, args.path_t, teacher_acc["acc"])
+        return {"acc": None}
+    acc = evaluate(teacher, data.test_loader, precision, device)
+    log.info("teacher %s (%s): test accuracy %.2f", arch_t, args.path_t, acc["acc"])
+    return acc
+
+
+def log_start(args: argparse.Namespace, lr: float, methods: Methods) -> None:
+    weights = loss_weights(args)
     log.info(
         "student %s, method %s: gamma %g alpha %g beta %g, lr %g%s%s",
         args.model_s, args.distill, weights.gamma, weights.alpha, weights.beta, lr,
-        "" if method.has_loss else f" ({args.distill} has no loss term of its own)",
-        "".join(f", + {w:g} * {n}" for n, w in added_spec),
+        "" if methods.distiller.has_loss else f" ({args.distill} has no loss term of its own)",
+        "".join(f", + {w:g} * {n}" for n, w in methods.spec),
     )  # fmt: skip
-    return Run(
-        args=args,
-        method=args.distill,
-        kind="student",
-        folder=folder,
-        device=device,
-        precision=precision,
-        seed=seed,
-        model=student,
-        arch=args.model_s,
-        stages=stages,
-        train_loader=data.train_loader,
-        test_loader=data.test_loader,
-        val_loader=data.val_loader,
-        extra_state={"distiller": distiller, "kd_term": kd, **({"added": added} if len(added) else {})},
-        eval_model=deployed,
-        summary={
-            "method": args.distill,
-            "model_s": args.model_s,
-            "model_t": arch_t,
-            "teacher_acc": teacher_acc["acc"],
-            "teacher_path": args.path_t,
-            "gamma": weights.gamma,
-            "alpha": weights.alpha,
-            "beta": weights.beta,
-            "added": dict(added_spec),
-            "lr": lr,
-            "epochs": args.epochs,
-            "train_size": data.n_data,
-            "val_size": args.val_size,
-            "adapter_params": sum(
-                p.numel() for m in [*distiller.trainable_modules(), *added.trainable_modules()] for p in m.parameters()
-            ),
-            # Every parameter of the evaluated network, frozen ones included (SimKD reuses the teacher's head).
-            "deployed_params": sum(p.numel() for p in (deployed or student).parameters()),
-        },
-        config={"model_t": arch_t, "lr": lr, "seed": seed, "weights": asdict(weights)},
-        resume_path=resume_path,
-        dist=dist,
-    )
+
+
+def summary_of(
+    args: argparse.Namespace, lr: float, arch_t: str, teacher_acc: float | None, student: nn.Module,
+    methods: Methods, n_data: int,
+) -> dict:  # fmt: skip
+    weights, adapters = loss_weights(args), [*methods.distiller.trainable_modules(), *methods.added.trainable_modules()]
+    deployed = methods.distiller.deploy(student) or student
+    return {
+        "method": args.distill, "model_s": args.model_s, "model_t": arch_t, "teacher_acc": teacher_acc,
+        "teacher_path": args.path_t, "gamma": weights.gamma, "alpha": weights.alpha, "beta": weights.beta,
+        "added": dict(methods.spec), "lr": lr, "epochs": args.epochs, "train_size": n_data,
+        "val_size": args.val_size, "adapter_params": sum(p.numel() for m in adapters for p in m.parameters()),
+        # Every parameter of the evaluated network, frozen ones included (SimKD reuses the teacher's head).
+        "deployed_params": sum(p.numel() for p in deployed.parameters()),
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

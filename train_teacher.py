@@ -43,7 +43,7 @@ def build(args: argparse.Namespace) -> Run:
     dist, device = distributed.setup(args.device)  # torchrun's processes, else one
     seed = seed_of(args)
     seed_everything(seed, args.deterministic)
-    data = build_data(args, device, seed, contrast=False)
+    data = build_data(args, device, seed)
     log_fast_path(args)
     model = prepare_model(dist.batchnorm(create_model(args.model, num_classes=100), args.sync_bn, device), device, args)
     lr = effective_lr(args, args.model)

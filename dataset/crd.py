@@ -83,11 +83,6 @@ class CRDSampler:
                 "negatives with replacement, as RepDistiller does", nce_k, self._fewest_negatives,
             )  # fmt: skip
 
-    @property
-    def num_items(self) -> int:
-        """Number of images the negatives are drawn from (before ``percent``)."""
-        return len(self.indices)
-
     def negatives_of(self, label: int) -> torch.Tensor:
         """The training-set indices class ``label``'s negatives are drawn from (after ``percent``)."""
         return self._neg[label, : self._neg_count[label]]

@@ -176,19 +176,6 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(self.next_epoch)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next plain iteration serve ``epoch``."""
-        self.next_epoch = epoch
-
-    def state_dict(self) -> dict:
-        """All a resumed loader needs: every draw of an epoch is derived from (seed, epoch)."""
-        return {"epoch": self.next_epoch, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["seed"] != self.seed:
-            log.warning("data loader seed %d replaced by the checkpoint's %d", self.seed, state["seed"])
-        self.seed, self.next_epoch = int(state["seed"]), int(state["epoch"])
-
     def plan(self, epoch: int) -> EpochPlan:
         """The shuffle, crop and flip draws of ``epoch`` (on the CPU, hence the same on every device)."""
         gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, _AUGMENT_STREAM))

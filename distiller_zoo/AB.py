@@ -83,13 +83,12 @@ class Connector(nn.Module):
 class AB(Distiller):
     """``--distill abound``: AB on the pre-activation stage maps ``feats[1:-1]``, with an init stage.
 
-    Stages (:meth:`set_stage`, also entered by the engine's per-epoch hook :meth:`set_epoch`; the object
-    starts in ``"init"``, the stage that runs first):
+    Stages (the base class's :meth:`set_stage`, entered by the engine every epoch):
 
     * ``"init"``: the Connector is trainable and follows ``train()``/``eval()``; :meth:`init_modules`
       returns it and the student body, and :meth:`init_loss` is the AB loss.
-    * ``"main"``: by default the Connector is frozen (``requires_grad`` off, kept in eval mode by
-      :meth:`train`), :meth:`trainable_modules` is empty and the method has no loss. With
+    * ``"main"``: by default the Connector is frozen (an init-only module: ``requires_grad`` off, kept in eval
+      mode), :meth:`trainable_modules` is empty and the method has no loss. With
       ``--ab_main_stage`` the Connector keeps training and :meth:`forward` is the AB loss
       (``has_loss`` is then ``True`` on the instance).
     """
@@ -112,7 +111,6 @@ class AB(Distiller):
         self.has_loss = self.main_loss
         self.connector = Connector(s_shapes[1:-1], t_shapes[1:-1])
         self.criterion = ABLoss(len(s_shapes[1:-1]))
-        self.stage = "init"
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -143,27 +141,8 @@ class AB(Distiller):
             except PairError as err:
                 raise PairError(f"abound Connector at feature {i}: {err}") from None
 
-    def set_stage(self, stage: str) -> None:
-        """``"init"``: the Connector trains; ``"main"``: it is frozen (unless ``--ab_main_stage``)."""
-        if stage not in ("init", "main"):
-            raise ValueError(f"stage must be 'init' or 'main', not {stage!r}")
-        self.stage = stage
-        self.connector.requires_grad_(not self._connector_frozen())
-        self.train(self.training)
-
-    def set_epoch(self, epoch: int, stage: str) -> None:
-        """The engine's per-epoch hook: enter ``stage`` (so a resumed run is in the right stage too)."""
-        if stage != self.stage:
-            self.set_stage(stage)
-
-    def _connector_frozen(self) -> bool:
-        return self.stage == "main" and not self.main_loss
-
-    def train(self, mode: bool = True) -> AB:
-        super().train(mode)
-        if self._connector_frozen():
-            self.connector.eval()
-        return self
+    def init_only_modules(self) -> list[nn.Module]:
+        return [] if self.main_loss else [self.connector]
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.connector] if self.main_loss else []

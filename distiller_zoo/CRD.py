@@ -12,6 +12,7 @@ uniform noise probability ``Pn = 1 / N``.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 from typing import Any
@@ -21,6 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.collectives import active, all_gather_rows, all_reduce_sum, shard_rows
+from common.errors import UsageError
+from dataset import CRDSampler, DataError
+from dataset.crd import MODES
 
 from .base import Distiller, Shapes, register
 
@@ -189,8 +193,8 @@ class CRDLoss(nn.Module):
     ``s_dim``/``t_dim``: sizes of the student's and teacher's (flattened) features; ``n_data``: number of
     training images (memory rows). Defaults are RepDistiller's ``train_student.py`` flags: ``feat_dim``
     128, ``nce_k`` 16384 negatives, temperature ``nce_t`` 0.07, memory momentum ``nce_m`` 0.5. Both
-    embeddings are trainable (the teacher's too, as in RepDistiller). RepDistiller's ``CRDLoss(opt)`` is
-    :meth:`from_opt`.
+    embeddings are trainable (the teacher's too, as in RepDistiller). RepDistiller's ``CRDLoss(opt)`` reads
+    the same fields from ``opt``; here they are arguments, in the same order.
     """
 
     def __init__(
@@ -209,11 +213,6 @@ class CRDLoss(nn.Module):
         self.contrast = ContrastMemory(feat_dim, n_data, nce_k, nce_t, nce_m)
         self.criterion_s = ContrastLoss(n_data)
         self.criterion_t = ContrastLoss(n_data)
-
-    @classmethod
-    def from_opt(cls, opt: Any) -> CRDLoss:
-        """Build from a namespace with RepDistiller's fields (s_dim, t_dim, n_data, feat_dim, nce_*)."""
-        return cls(opt.s_dim, opt.t_dim, opt.n_data, opt.feat_dim, opt.nce_k, opt.nce_t, opt.nce_m)
 
     def forward(
         self, f_s: torch.Tensor, f_t: torch.Tensor, idx: torch.Tensor, contrast_idx: torch.Tensor | None = None
@@ -235,6 +234,34 @@ class CRDDistiller(Distiller):
     # run_cifar_distill.sh: --distill crd -a 0 -b 0.8 (CRD+KD: -a 1 -b 0.8)
     defaults = {"gamma": 1.0, "alpha": 0.0, "beta": 0.8}
     needs_contrast = True
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """RepDistiller's CRD flags, same names and defaults (its ``train_student.py``)."""
+        group = parser.add_argument_group("crd")
+        group.add_argument("--mode", type=str, default="exact", choices=list(MODES), help="CRD positives")
+        group.add_argument("--nce_k", type=int, default=16384, help="CRD negatives per sample")
+        group.add_argument("--nce_t", type=float, default=0.07, help="CRD temperature")
+        group.add_argument("--nce_m", type=float, default=0.5, help="CRD memory momentum")
+
+    @classmethod
+    def validate(cls, args: Any) -> None:
+        for flag in ("nce_k", "nce_t"):
+            if getattr(args, flag) <= 0:
+                raise UsageError(f"--{flag} {getattr(args, flag)}: must be positive")
+        if not 0 <= args.nce_m < 1:
+            raise UsageError(f"--nce_m {args.nce_m}: must be in [0, 1)")
+
+    @classmethod
+    def make_sampler(cls, args: Any, labels: torch.Tensor, seed: int, device: torch.device) -> CRDSampler:
+        """``--nce_k`` negatives per anchor drawn from the other classes' images, positives as ``--mode``."""
+        negatives = len(labels) - int(torch.bincount(labels).max())
+        if args.nce_k > negatives:
+            raise DataError(
+                f"--nce_k {args.nce_k} is larger than the {negatives} negatives available per class in the "
+                f"{len(labels)} training images; use --nce_k {negatives} or fewer"
+            )
+        return CRDSampler(labels, args.nce_k, mode=args.mode, seed=seed, device=device)
 
     def __init__(self, s_shapes: Shapes, t_shapes: Shapes, args: Any, n_data: int) -> None:
         super().__init__(s_shapes, t_shapes, args, n_data)

@@ -150,15 +150,15 @@ class FactorTransfer(nn.Module):
 class FT(Distiller):
     """``--distill factor``: FT on the last feature map ``feats[-2]``, with an init stage.
 
-    Stages (:meth:`set_stage`; the object starts in ``"init"``, the stage that runs first):
+    Stages (the base class's :meth:`set_stage`, entered by the engine every epoch):
 
     * ``"init"``: the Paraphraser is trainable and follows ``train()``/``eval()``; :meth:`init_modules`
       returns it and :meth:`init_loss` is its reconstruction MSE.
-    * ``"main"``: the Paraphraser is frozen: ``requires_grad`` off and kept in eval mode by :meth:`train`
+    * ``"main"``: the Paraphraser is frozen (an init-only module): ``requires_grad`` off and kept in eval mode
       (RepDistiller sets it to eval each epoch and leaves it out of the optimizer). Only the Translator is
       trained (:meth:`trainable_modules`).
 
-    The engine's per-epoch hook :meth:`set_epoch` enters the stage it names. :meth:`init_lr` gives
+    :meth:`init_lr` gives
     RepDistiller's init-stage learning rate (0.01 for CIFAR ResNet/WRN students).
     """
 
@@ -174,7 +174,6 @@ class FT(Distiller):
         self.paraphraser = Paraphraser(t_shapes[-2])
         self.translator = Translator(s_shapes[-2], t_shapes[-2])
         self.criterion = FactorTransfer(paper_factor=getattr(args, "ft_paper_factor", False))
-        self.stage = "init"
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -196,24 +195,8 @@ class FT(Distiller):
         if t[0] < 2:
             raise PairError(f"factor: the teacher map {tuple(t)} has too few channels for a k = 0.5 factor")
 
-    def set_stage(self, stage: str) -> None:
-        """``"init"``: the Paraphraser trains; ``"main"``: it is frozen and kept in eval mode."""
-        if stage not in ("init", "main"):
-            raise ValueError(f"stage must be 'init' or 'main', not {stage!r}")
-        self.stage = stage
-        self.paraphraser.requires_grad_(stage == "init")
-        self.train(self.training)
-
-    def set_epoch(self, epoch: int, stage: str) -> None:
-        """The engine's per-epoch hook: enter ``stage`` (so a resumed run is in the right stage too)."""
-        if stage != self.stage:
-            self.set_stage(stage)
-
-    def train(self, mode: bool = True) -> FT:
-        super().train(mode)
-        if self.stage == "main":
-            self.paraphraser.eval()
-        return self
+    def init_only_modules(self) -> list[nn.Module]:
+        return [self.paraphraser]
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.translator]

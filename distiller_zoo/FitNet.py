@@ -7,6 +7,7 @@ teacher's feature map at the same index (the hint).
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from typing import Any
 
@@ -112,6 +113,11 @@ class FitNetDistiller(Distiller):
         self.layer = args.hint_layer
         self.regressor = ConvReg(s_shapes[self.layer], t_shapes[self.layer])
         self.hint = HintLoss()
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """RepDistiller's flag, same name and default."""
+        parser.add_argument("--hint_layer", type=int, default=2, choices=[0, 1, 2, 3, 4], help="FitNet feature index")
 
     @classmethod
     def check_pair(cls, s_shapes: Shapes, t_shapes: Shapes, args: Any) -> None:

@@ -11,7 +11,8 @@ What a method declares (class attributes):
 * ``defaults``: the published loss weights (``gamma`` CE, ``alpha`` KD, ``beta`` this method), from
   RepDistiller's ``scripts/run_cifar_distill.sh`` or the method's paper/official code.
 * ``preact``: the student and teacher are asked for pre-activation features (AB).
-* ``needs_contrast``: the data pipeline must supply CRD contrast indices (``batch.contrast_idx``).
+* ``needs_contrast``: the data pipeline must supply contrast indices (``batch.contrast_idx``), drawn by the
+  sampler the method builds in ``make_sampler(args, labels, seed, device)`` (CRD).
 * ``has_loss``: ``False`` for methods without a term of their own (plain KD: its loss is ``alpha * KL``).
 * ``init_stage``: the method has an init stage of ``--init_epochs`` epochs (AB, FT, FSP).
 
@@ -30,7 +31,9 @@ What a method implements:
   parameters). The engine puts the student and these in the optimizer, never the teacher.
 * For an init stage: ``init_modules(student)`` (the modules trained there) and
   ``init_loss(out_s, out_t, batch)``.
-* ``add_arguments(parser)`` (classmethod): extra command-line flags of this method, if any.
+* ``add_arguments(parser)`` (classmethod): extra command-line flags of this method, if any, and
+  ``validate(args)`` (classmethod): raise :class:`UsageError` for a value of them that cannot work (called for
+  every registered method before any work, whichever method runs, as every flag is parsed).
 
 Optional hooks (no-ops by default):
 
@@ -46,8 +49,8 @@ Optional hooks (no-ops by default):
 * ``prepare(teacher, train_loader, folder)``: called once before training when ``needs_train_pass`` is set,
   with the frozen teacher, the training loader (a ``dataset.DeviceLoader``: its ``images``, ``labels``) and the
   run folder, for what a method derives from the teacher over the training set (WKD-L's class-cost matrix).
-* ``set_stage(stage)``: switch which parts train (``"init"`` or ``"main"``); methods with an init stage
-  also switch from ``set_epoch`` so that a resumed run is in the right stage.
+* ``init_only_modules()``: for a method with an init stage, the adapters trained there only; the base class's
+  ``set_stage(stage)`` (called by the engine every epoch) freezes them and keeps them in eval mode in ``"main"``.
 * ``init_lr(args, student_name)``: the init stage's learning rate when it is not the main one (FT).
 """
 
@@ -76,6 +79,7 @@ class Distiller(nn.Module):
 
     def __init__(self, s_shapes: Shapes, t_shapes: Shapes, args: Any, n_data: int) -> None:
         super().__init__()
+        self.stage = "init" if self.init_stage else "main"  # an init stage runs first
 
     @classmethod
     def check_pair(cls, s_shapes: Shapes, t_shapes: Shapes, args: Any) -> None:
@@ -84,6 +88,15 @@ class Distiller(nn.Module):
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Add this method's own command-line flags (none by default)."""
+
+    @classmethod
+    def validate(cls, args: Any) -> None:
+        """Raise :class:`UsageError` for a value of this method's flags that cannot work."""
+
+    @classmethod
+    def make_sampler(cls, args: Any, labels: torch.Tensor, seed: int, device: torch.device) -> Any:
+        """The sampler of ``batch.contrast_idx`` over the training ``labels`` (methods with ``needs_contrast``)."""
+        raise NotImplementedError(f"{cls.name} draws no contrast indices")
 
     def forward(self, out_s: Any, out_t: Any, batch: Any) -> torch.Tensor:
         raise NotImplementedError
@@ -111,8 +124,27 @@ class Distiller(nn.Module):
     def set_epoch(self, epoch: int, stage: str) -> None:
         """Called at the start of every epoch; no-op by default."""
 
+    def init_only_modules(self) -> list[nn.Module]:
+        """The adapters trained in the init stage only (AB's Connector, FT's Paraphraser): in the main stage they
+        are frozen, out of the optimizer and kept in eval mode. None by default."""
+        return []
+
     def set_stage(self, stage: str) -> None:
-        """Enter ``"init"`` or ``"main"``; no-op by default."""
+        """Enter ``"init"`` or ``"main"``: the init-only modules train in ``"init"`` only. The engine calls it at
+        the start of every epoch, so a resumed run is in its stage too."""
+        if stage not in ("init", "main"):
+            raise ValueError(f"stage must be 'init' or 'main', not {stage!r}")
+        self.stage = stage
+        for module in self.init_only_modules():
+            module.requires_grad_(stage == "init")
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        if self.stage == "main":
+            for module in self.init_only_modules():
+                module.eval()
+        return self
 
     def bind_teacher(self, teacher: nn.Module) -> None:
         """Receive the frozen teacher; no-op by default."""
@@ -164,17 +196,13 @@ def parameters_of(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
-    """The method flags of RepDistiller's ``train_student.py`` (same names and defaults), then each
-    registered method's own flags."""
+    """The flags every method shares (RepDistiller's names and defaults: the KD term's temperature, the
+    embedding size of CRD and CC, the length of an init stage), then each registered method's own flags."""
     group = parser.add_argument_group("distillation method")
     group.add_argument("--kd_T", type=float, default=4, help="temperature of the KD term (alpha)")
     group.add_argument("--feat_dim", type=int, default=128, help="embedding size of CRD and CC")
-    group.add_argument("--mode", type=str, default="exact", choices=["exact", "relax"], help="CRD positives")
-    group.add_argument("--nce_k", type=int, default=16384, help="CRD negatives per sample")
-    group.add_argument("--nce_t", type=float, default=0.07, help="CRD temperature")
-    group.add_argument("--nce_m", type=float, default=0.5, help="CRD memory momentum")
-    group.add_argument("--hint_layer", type=int, default=2, choices=[0, 1, 2, 3, 4], help="FitNet feature index")
-    group.add_argument("--init_epochs", type=int, default=30, help="init stage of abound, factor and fsp")
+    init = ", ".join(n for n in method_names() if REGISTRY[n].init_stage)
+    group.add_argument("--init_epochs", type=int, default=30, help=f"epochs of the init stage ({init})")
     for name in method_names():
         REGISTRY[name].add_arguments(parser)
     from .DOT import add_dot_arguments  # the DOT optimizer serves every method

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from dataset import CRDSampler, DataError, DeviceLoader, load_cifar100, resolve_data_folder, split_indices
+from dataset import DeviceLoader, load_cifar100, resolve_data_folder, split_indices
 
 log = logging.getLogger("kd")
 
@@ -21,10 +23,14 @@ class RunData:
     n_data: int  # training images held (CRD's memory size)
 
 
-def build_data(args: argparse.Namespace, device: torch.device, seed: int, contrast: bool) -> RunData:
+def build_data(
+    args: argparse.Namespace, device: torch.device, seed: int, sampler: Callable[..., Any] | None = None
+) -> RunData:
     """Load CIFAR-100, take the subset and validation split, and put the loaders on ``device``.
 
-    The training subset is re-indexed 0..n-1, so ``Batch.index`` addresses rows of CRD's memory directly.
+    ``sampler(args, labels, seed, device)``: the contrast sampler of the method that needs one (its
+    ``make_sampler``). The training subset is re-indexed 0..n-1, so ``Batch.index`` addresses rows of CRD's
+    memory directly.
     """
     data = load_cifar100(resolve_data_folder(args.data_folder))
     train_idx, val_idx = split_indices(data.train_labels, args.train_size, args.val_size, seed)
@@ -32,15 +38,7 @@ def build_data(args: argparse.Namespace, device: torch.device, seed: int, contra
     memory_format = torch.channels_last if args.channels_last else None
     # Large evaluation batches pay off on a GPU; on a CPU, 100 measured 2-4x faster than 1000 (cache-sized).
     eval_batch = args.eval_batch_size or (1000 if device.type == "cuda" else 100)
-    crd = None
-    if contrast:
-        negatives = len(labels) - int(torch.bincount(labels).max())
-        if args.nce_k > negatives:
-            raise DataError(
-                f"--nce_k {args.nce_k} is larger than the {negatives} negatives available per class in the "
-                f"{len(labels)} training images; use --nce_k {negatives} or fewer"
-            )
-        crd = CRDSampler(labels, args.nce_k, mode=args.mode, seed=seed, device=device)
+    crd = sampler(args, labels, seed, device) if sampler else None
     train = DeviceLoader(
         images, labels, args.batch_size, device, train=True, seed=seed, drop_last=args.drop_last, crd=crd,
         memory_format=memory_format, strong_view=bool(getattr(args, "two_views", False)),

@@ -339,6 +339,6 @@ def validate_student_args(args: argparse.Namespace) -> None:
                          f"(got {args.dot_delta}, {args.momentum})")  # fmt: skip
     _non_negative(args, "gamma", "alpha", "beta", "init_epochs")
     _check_added(args)
-    _positive(args, "kd_T", "nce_k", "nce_t", "feat_dim")
-    if not 0 <= args.nce_m < 1:
-        raise UsageError(f"--nce_m {args.nce_m}: must be in [0, 1)")
+    _positive(args, "kd_T", "feat_dim")
+    for name in method_names():  # every method's flags are parsed, whichever runs
+        get_method(name).validate(args)

@@ -16,7 +16,6 @@ import torch
 log = logging.getLogger(__name__)
 
 # RepDistiller's TensorBoard scalar names, written under these names as well.
-TB_NAMES = {"train_acc": "train_acc", "train_loss": "train_loss", "test_acc": "test_acc"}
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -479,11 +479,8 @@ def test_crd_state_dict_holds_memory_and_constants() -> None:
     assert crd.contrast.memory_s.abs().max() <= stdv and crd.contrast.memory_t.abs().max() <= stdv
 
 
-def test_crd_from_repdistiller_options() -> None:
-    class Opt:
-        s_dim, t_dim, n_data, feat_dim, nce_k, nce_t, nce_m = 12, 24, 50, 8, 20, 0.1, 0.9
-
-    crd = CRDLoss.from_opt(Opt())
+def test_crd_takes_repdistiller_options_in_their_order() -> None:
+    crd = CRDLoss(12, 24, 50, 8, 20, 0.1, 0.9)  # s_dim, t_dim, n_data, feat_dim, nce_k, nce_t, nce_m
     assert crd.embed_s.linear.weight.shape == (8, 12) and crd.embed_t.linear.weight.shape == (8, 24)
     assert (crd.contrast.K, crd.contrast.T, crd.contrast.momentum) == (20, 0.1, 0.9)
     assert crd.contrast.memory_t.shape == (50, 8)

@@ -142,7 +142,7 @@ def test_ab_stages_connector_trained_in_init_only() -> None:
     assert ab.trainable_modules() == []
     out_s, out_t = random_output(SHUFFLEV1), random_output(RESNET32X4)
     assert float(ab(out_s, out_t, None)) == 0.0
-    ab.set_epoch(1, "init")  # the engine's per-epoch hook
+    ab.set_stage("init")  # as the engine's per-epoch hook does
     assert bn.training and all(p.requires_grad for p in ab.connector.parameters())
     with pytest.raises(ValueError):
         ab.set_stage("warmup")
@@ -236,8 +236,7 @@ def test_ft_stages_paraphraser_frozen_in_main() -> None:
     assert all(p.grad is None for p in ft.paraphraser.parameters())
     ft.set_stage("init")
     assert ft.paraphraser.training and all(p.requires_grad for p in ft.paraphraser.parameters())
-    # The engine's per-epoch hook switches stages too (e.g. when a run resumes in the main stage).
-    ft.set_epoch(1, "main")
+    ft.set_stage("main")  # as the engine does every epoch (e.g. when a run resumes in the main stage)
     ft.train()
     assert not ft.paraphraser.training and not any(p.requires_grad for p in ft.paraphraser.parameters())
 

@@ -185,11 +185,8 @@ def test_method_on_pair(name, teacher_name, student_name, zoo, shapes, batch, te
         out_t = teacher_forward(teacher, batch.input, cls.preact)  # a fresh forward, seen by the hook
     if cls.needs_train_pass:  # WKD-L: the teacher over the (here: random, one per class) training images
         method.prepare(teacher, DeviceLoader(TRAIN_IMAGES, torch.arange(100), 50, "cpu", train=False), tmp_path)
-    set_stage = getattr(method, "set_stage", None)  # methods with an init stage may switch modules
-
     if cls.init_stage:
-        if set_stage:
-            set_stage("init")
+        method.set_stage("init")
         method.set_epoch(1, "init")
         student.zero_grad(set_to_none=True)
         method.zero_grad(set_to_none=True)
@@ -200,8 +197,7 @@ def test_method_on_pair(name, teacher_name, student_name, zoo, shapes, batch, te
         assert any(parameters_of([m]) for m in init_modules), "an init stage trains something"
         for module in init_modules:
             assert nonzero_grad(module), f"init: no gradient in {type(module).__name__}"
-        if set_stage:
-            set_stage("main")
+        method.set_stage("main")
 
     method.set_epoch(1, "main")
     student.zero_grad(set_to_none=True)
