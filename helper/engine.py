@@ -243,19 +243,11 @@ class StepControl:
 
 
 def train_one_epoch(
-    objective: Objective,
-    loader: Iterable[Batch],
-    optimizer: torch.optim.Optimizer,
-    precision: Precision,
-    scaler: torch.amp.GradScaler,
-    device: torch.device,
-    epoch: int,
-    label: str = "train",
-    print_freq: int = 100,
-    control: StepControl | None = None,
-    progress: Callable[[Iterable[Batch]], Iterator[Batch]] = iter,
+    objective: Objective, loader: Iterable[Batch], optimizer: torch.optim.Optimizer, precision: Precision,
+    scaler: torch.amp.GradScaler, device: torch.device, epoch: int, label: str = "train", print_freq: int = 100,
+    control: StepControl | None = None, progress: Callable[[Iterable[Batch]], Iterator[Batch]] = iter,
     dist: Distributed | None = None,
-) -> dict[str, float]:
+) -> dict[str, float]:  # fmt: skip
     """One pass over ``loader``; returns the epoch's mean of every term, the total loss and accuracy.
 
     The returned dict has ``loss``, ``acc`` (top-1 %, on the augmented training batches), one
@@ -275,13 +267,7 @@ def train_one_epoch(
     checked_to = step = -1  # the last step whose losses were read as finite; the step
     for step, batch in enumerate(progress(loader)):
         batch, scale = dist.shard(batch)  # one process: the batch itself, scale 1
-        try:
-            with precision.autocast():
-                terms, logits = objective(batch)
-        except torch.linalg.LinAlgError as exc:
-            # A decomposition (KD-SVD's SVD) met NaN or inf in its input: the previous update left the model
-            # non-finite. Reported like a non-finite loss, so the run stops cleanly on its last good checkpoint.
-            raise NonFiniteLoss(f"{label}: non-finite values in a decomposition at epoch {epoch}, step {step}") from exc
+        terms, logits = _forward(objective, batch, precision, (label, epoch, step))
         loss = sum(weight * value.float() for weight, value in terms.values())
         if control.skip_nonfinite:
             # Skipping needs the answer before the update: one host sync per step (and, with several
@@ -293,23 +279,8 @@ def train_one_epoch(
                 continue
         else:
             first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad < NOT_SEEN), first_bad, step)
-        optimizer.zero_grad(set_to_none=True)
-        if hasattr(optimizer, "step_kd"):  # DOT: the task and distillation gradients go to separate momenta
-            _dot_step(terms, optimizer)
-        else:
-            # DDP averages the processes' gradients; weighting each process's mean loss by its share of the
-            # global batch makes that average the gradient of the global batch's mean loss.
-            scaler.scale(loss * scale if dist.enabled else loss).backward()
-            scaler.step(optimizer)  # fp16 only: GradScaler reads its inf flag on the host here (bf16 does not)
-            scaler.update()
-
-        n = batch.target.shape[0]
-        meter.count += n
-        meter.add("loss", loss, n)
-        for name, (_, value) in terms.items():
-            meter.add(f"loss_{name}", value, n)
-        (correct,) = topk_correct(logits.detach(), batch.target)
-        meter.add("acc", correct * (100.0 / n), n)
+        _update(terms, loss, optimizer, scaler, scale if dist.enabled else None)
+        _record(meter, loss, terms, logits, batch.target)
         if print_freq and step % print_freq == 0:
             checked_to = _raise_if_nonfinite(first_bad, checked_to, step, label, epoch, dist)
             if log.isEnabledFor(logging.DEBUG):
@@ -324,6 +295,47 @@ def train_one_epoch(
     if stopped_at is not None:
         result["stopped_at"] = stopped_at
     return result
+
+
+def _forward(
+    objective: Objective, batch: Batch, precision: Precision, at: tuple[str, int, int]
+) -> tuple[Terms, torch.Tensor]:
+    """The objective's terms and logits; ``at``: (label, epoch, step) for the error message."""
+    try:
+        with precision.autocast():
+            return objective(batch)
+    except torch.linalg.LinAlgError as exc:
+        # A decomposition (KD-SVD's SVD) met NaN or inf in its input: the previous update left the model
+        # non-finite. Reported like a non-finite loss, so the run stops cleanly on its last good checkpoint.
+        label, epoch, step = at
+        raise NonFiniteLoss(f"{label}: non-finite values in a decomposition at epoch {epoch}, step {step}") from exc
+
+
+def _update(
+    terms: Terms, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+    scale: float | None,
+) -> None:  # fmt: skip
+    """One optimizer step on ``loss``; ``scale``: this process's share of the global batch (several processes)."""
+    optimizer.zero_grad(set_to_none=True)
+    if hasattr(optimizer, "step_kd"):  # DOT: the task and distillation gradients go to separate momenta
+        _dot_step(terms, optimizer)
+        return
+    # DDP averages the processes' gradients; weighting each process's mean loss by its share of the
+    # global batch makes that average the gradient of the global batch's mean loss.
+    scaler.scale(loss if scale is None else loss * scale).backward()
+    scaler.step(optimizer)  # fp16 only: GradScaler reads its inf flag on the host here (bf16 does not)
+    scaler.update()
+
+
+def _record(meter: Meter, loss: torch.Tensor, terms: Terms, logits: torch.Tensor, target: torch.Tensor) -> None:
+    """The step's loss, terms and top-1 accuracy into the epoch's device sums."""
+    n = target.shape[0]
+    meter.count += n
+    meter.add("loss", loss, n)
+    for name, (_, value) in terms.items():
+        meter.add(f"loss_{name}", value, n)
+    (correct,) = topk_correct(logits.detach(), target)
+    meter.add("acc", correct * (100.0 / n), n)
 
 
 def _dot_step(terms: Terms, optimizer: torch.optim.Optimizer) -> None:

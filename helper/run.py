@@ -383,84 +383,45 @@ def fit(run: Run) -> dict[str, Any]:
             release_folder(run.folder)
 
 
+@dataclass
+class _Progress:
+    """Where a run stands: the stage, epoch and step to continue after, the best accuracies, the throughput."""
+
+    start: tuple[str, int, int]
+    best: dict[str, Any]
+    skipped: int = 0
+    images: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Loop:
+    """What every epoch of every stage shares: the step control, the stop flag, the records, the scaler."""
+
+    control: StepControl
+    stop: _StopFlag
+    recorder: Recorder
+    scaler: Any
+
+
 def _fit(run: Run, resume_path: Path | None) -> dict[str, Any]:
-    args = run.args
     main_process = run.dist.is_main  # rank 0 alone writes the run folder; every process loads it
     setup_logging(run.folder if main_process else None)
     recorder = Recorder(run.folder, enabled=main_process)
     run.dist.check_batches(run.train_loader.num_images, run.train_loader.batch_size, run.train_loader.drop_last)
-    best: dict[str, Any] = {"best_acc": -1.0, "best_epoch": 0, "val_best_acc": -1.0}
-    start = ("init", 0, 0) if run.stages and run.stages[0].name == "init" else ("main", 0, 0)
-    skipped = 0
-    if resume_path is not None:
-        state = ckpt_io.load_checkpoint(resume_path)
-        _check_resumable(state, args, resume_path)
-        run.model.load_state_dict(state["model"])
-        for name, module in run.extra_state.items():
-            module.load_state_dict(state[name])
-        best = dict(state["best"])
-        skipped = state.get("skipped_steps", 0)
-        start = (state["stage"], state["epoch"], state["step"])
-        ckpt_io.set_rng_state(state["rng"])
-        for stage in run.stages:
-            if stage.name == state["stage"]:
-                stage.optimizer.load_state_dict(state["optimizer"])
-        if main_process:
-            recorder.truncate_after(state["stage"], state["epoch"])
-            _record_schedule(run.folder, args.epochs, state["args"].get("epochs"))
-        log.info("resuming %s from %s: stage %s, epoch %d, step %d", run.folder, resume_path, *start)
-    elif main_process:
-        write_json(run.folder / "args.json", {"args": vars(args), **run.config, **run.dist.record()})
-        recorder.truncate_after("init", 0)  # rows of a start killed before its first checkpoint
+    progress = _begin(run, recorder, resume_path)
     log.info("run folder: %s", run.folder)
-
     stop = _StopFlag(repeat_grace=5.0 if run.dist.enabled else 0.0)
-    control = StepControl(skip_nonfinite=args.skip_nonfinite, stop_requested=run.dist.agreed(stop))
-    control.skipped = skipped
-    scaler = run.precision.scaler()
+    control = StepControl(skip_nonfinite=run.args.skip_nonfinite, stop_requested=run.dist.agreed(stop))
+    control.skipped = progress.skipped
+    loop = _Loop(control, stop, recorder, run.precision.scaler())
     wall_start = time.perf_counter()
-    images_seen, train_seconds = 0, 0.0
-    stage_names = [s.name for s in run.stages]
-    first_stage = stage_names.index(start[0])
+    first = [s.name for s in run.stages].index(progress.start[0])
     with stop.installed():
-        for si, stage in enumerate(run.stages[first_stage:], start=first_stage):
-            done_epochs = start[1] if si == first_stage else 0
-            skip_steps = start[2] if si == first_stage else 0
-            objective = run.dist.wrap(stage.objective, stage.optimizer)  # DDP when several processes
-            for epoch in range(done_epochs + 1, stage.epochs + 1):
-                data_epoch = epoch + sum(s.epochs for s in run.stages[:si])  # distinct shuffles across stages
-                lr = stage.lr_at(epoch)
-                stage.on_epoch(epoch)
-                for group in stage.optimizer.param_groups:
-                    group["lr"] = lr
-                batches = run.train_loader.epoch(data_epoch, start_batch=skip_steps)
-                stats = train_one_epoch(
-                    objective, batches, stage.optimizer, run.precision, scaler, run.device, epoch,
-                    label=f"{run.method} {stage.name}", print_freq=args.print_freq, control=control,
-                    progress=_progress(len(run.train_loader) - skip_steps, f"{stage.name} {epoch}"),
-                    dist=run.dist,
-                )  # fmt: skip
-                run.dist.broadcast_buffers([run.model, *run.extra_state.values()])
-                if "stopped_at" in stats:
-                    steps = skip_steps + stats["stopped_at"]
-                    path = run.folder / "latest.pth"
-                    if main_process:
-                        ckpt_io.save_atomic(_state(run, stage, epoch - 1, steps, best, control.skipped), path)
-                    run.dist.barrier()  # the checkpoint is on disk before any process exits
-                    raise SystemExit(
-                        f"stopped by {signal.Signals(stop.signum).name} at {stage.name} epoch {epoch}, step {steps}; "
-                        f"saved {path}. Resume with the same command plus --resume auto"
-                        if main_process
-                        else 1  # rank 0 says it
-                    )
-                skip_steps = 0
-                images_seen += stats["images"]
-                train_seconds += stats["seconds"]
-                row = _epoch_row(run, stage, epoch, lr, stats, best)
-                recorder.epoch(row)
-                if main_process:
-                    _save(run, stage, epoch, best, control.skipped, row)
-    summary = _summary(run, best, time.perf_counter() - wall_start, images_seen, train_seconds, control.skipped)
+        for si, stage in enumerate(run.stages[first:], start=first):
+            _train_stage(run, si, stage, progress, si == first, loop)
+    wall = time.perf_counter() - wall_start
+    summary = _summary(run, progress.best, wall, progress.images, progress.seconds, control.skipped)
     if main_process:
         write_json(run.folder / "summary.json", summary)
     recorder.close()
@@ -470,6 +431,77 @@ def _fit(run: Run, resume_path: Path | None) -> dict[str, Any]:
         summary["test_acc"], summary["best_acc"], summary["best_epoch"], run.folder,
     )  # fmt: skip
     return summary
+
+
+def _begin(run: Run, recorder: Recorder, resume_path: Path | None) -> _Progress:
+    """A fresh start (``args.json`` written), or the state of the checkpoint at ``resume_path`` restored."""
+    first = "init" if run.stages and run.stages[0].name == "init" else "main"
+    progress = _Progress((first, 0, 0), {"best_acc": -1.0, "best_epoch": 0, "val_best_acc": -1.0})
+    if resume_path is None:
+        if run.dist.is_main:
+            write_json(run.folder / "args.json", {"args": vars(run.args), **run.config, **run.dist.record()})
+            recorder.truncate_after("init", 0)  # rows of a start killed before its first checkpoint
+        return progress
+    state = ckpt_io.load_checkpoint(resume_path)
+    _check_resumable(state, run.args, resume_path)
+    run.model.load_state_dict(state["model"])
+    for name, module in run.extra_state.items():
+        module.load_state_dict(state[name])
+    progress = _Progress((state["stage"], state["epoch"], state["step"]), dict(state["best"]))
+    progress.skipped = state.get("skipped_steps", 0)
+    ckpt_io.set_rng_state(state["rng"])
+    for stage in run.stages:
+        if stage.name == state["stage"]:
+            stage.optimizer.load_state_dict(state["optimizer"])
+    if run.dist.is_main:
+        recorder.truncate_after(state["stage"], state["epoch"])
+        _record_schedule(run.folder, run.args.epochs, state["args"].get("epochs"))
+    log.info("resuming %s from %s: stage %s, epoch %d, step %d", run.folder, resume_path, *progress.start)
+    return progress
+
+
+def _train_stage(run: Run, si: int, stage: Stage, progress: _Progress, first: bool, loop: _Loop) -> None:
+    """The epochs of ``stage`` (the ``si``-th) after those done; ``first``: the stage the run starts (or
+    resumes) in, which continues after ``progress.start``'s epoch and step."""
+    done_epochs, skip_steps = (progress.start[1], progress.start[2]) if first else (0, 0)
+    control = loop.control
+    objective = run.dist.wrap(stage.objective, stage.optimizer)  # DDP when several processes
+    for epoch in range(done_epochs + 1, stage.epochs + 1):
+        data_epoch = epoch + sum(s.epochs for s in run.stages[:si])  # distinct shuffles across stages
+        lr = stage.lr_at(epoch)
+        stage.on_epoch(epoch)
+        for group in stage.optimizer.param_groups:
+            group["lr"] = lr
+        batches = run.train_loader.epoch(data_epoch, start_batch=skip_steps)
+        stats = train_one_epoch(
+            objective, batches, stage.optimizer, run.precision, loop.scaler, run.device, epoch,
+            label=f"{run.method} {stage.name}", print_freq=run.args.print_freq, control=control,
+            progress=_progress(len(run.train_loader) - skip_steps, f"{stage.name} {epoch}"), dist=run.dist,
+        )  # fmt: skip
+        run.dist.broadcast_buffers([run.model, *run.extra_state.values()])
+        if "stopped_at" in stats:
+            _stopped(run, stage, epoch, skip_steps + stats["stopped_at"], progress.best, control, loop.stop)
+        skip_steps = 0
+        progress.images += stats["images"]
+        progress.seconds += stats["seconds"]
+        row = _epoch_row(run, stage, epoch, lr, stats, progress.best)
+        loop.recorder.epoch(row)
+        if run.dist.is_main:
+            _save(run, stage, epoch, progress.best, control.skipped, row)
+
+
+def _stopped(run: Run, stage: Stage, epoch: int, steps: int, best: dict, control: StepControl, stop: _StopFlag) -> None:
+    """A stop request between steps: ``latest.pth`` saved after step ``steps`` of ``epoch``, then exit."""
+    path = run.folder / "latest.pth"
+    if run.dist.is_main:
+        ckpt_io.save_atomic(_state(run, stage, epoch - 1, steps, best, control.skipped), path)
+    run.dist.barrier()  # the checkpoint is on disk before any process exits
+    raise SystemExit(
+        f"stopped by {signal.Signals(stop.signum).name} at {stage.name} epoch {epoch}, step {steps}; "
+        f"saved {path}. Resume with the same command plus --resume auto"
+        if run.dist.is_main
+        else 1  # rank 0 says it
+    )
 
 
 def _record_schedule(folder: Path, epochs: int, previous: Any) -> None:
