@@ -8,30 +8,28 @@ Runs RepDistiller's commands verbatim, e.g.::
 
 from __future__ import annotations
 
-import os
+import common.omp  # noqa: F401 (first: sets OMP_WAIT_POLICY before torch loads)
 
-# Idle OpenMP threads yield the CPU instead of spinning: on shared or small CPUs, spinning threads slowed
-# training steps several-fold. Set before torch is imported; a value in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# isort: split
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-import sys  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-from distiller_zoo import Distiller, get_method, kd_term  # noqa: E402
-from distiller_zoo.combine import AddedMethods, parse_added  # noqa: E402
-from distiller_zoo.DOT import dot_optimizer  # noqa: E402
-from helper import checkpoint as ckpt_io  # noqa: E402
-from helper import distributed  # noqa: E402
-from helper.data import RunData, build_data  # noqa: E402
-from helper.engine import DistillObjective, InitObjective, Precision, evaluate  # noqa: E402
-from helper.fold import fold_batchnorm  # noqa: E402
+from distiller_zoo import Distiller, get_method, kd_term
+from distiller_zoo.combine import AddedMethods, parse_added
+from distiller_zoo.DOT import dot_optimizer
+from helper import checkpoint as ckpt_io
+from helper import distributed
+from helper.data import RunData, build_data
+from helper.engine import DistillObjective, InitObjective, Precision, evaluate
+from helper.fold import fold_batchnorm
 from helper.options import (
     UsageError,
     effective_lr,
@@ -52,8 +50,8 @@ from helper.run import (
     setup_logging,
     sgd,
 )
-from helper.setup import cli_errors, log_fast_path, prepare_model  # noqa: E402
-from models import create_model, feature_shapes  # noqa: E402
+from helper.setup import cli_errors, log_fast_path, prepare_model
+from models import create_model, feature_shapes
 
 log = logging.getLogger("kd")
 
@@ -95,7 +93,7 @@ def build(args: argparse.Namespace) -> Run:
     for name, _ in spec:  # before the data is built, as for --distill
         get_method(name).check_pair(pair.s_shapes, pair.t_shapes, args)
     samplers = [m.make_sampler for m in (method, *(get_method(n) for n, _ in spec)) if m.needs_contrast]
-    data = build_data(args, device, seed, samplers[0] if samplers else None)
+    data = build_data(args, device, seed, samplers[0] if samplers else None, args.two_views)
     log_fast_path(args)
     methods = Methods(
         dist.batchnorm(method(pair.s_shapes, pair.t_shapes, args, data.n_data), args.sync_bn, device),

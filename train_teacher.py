@@ -8,19 +8,17 @@ The final checkpoint ``save/models/<model>_cifar100_lr_..._trial_<t>/ckpt_epoch_
 
 from __future__ import annotations
 
-import os
+import common.omp  # noqa: F401 (first: sets OMP_WAIT_POLICY before torch loads)
 
-# Idle OpenMP threads yield the CPU instead of spinning: on shared or small CPUs, spinning threads slowed
-# training steps several-fold. Set before torch is imported; a value in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# isort: split
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-import sys  # noqa: E402
+import argparse
+import logging
+import sys
 
-from helper import distributed  # noqa: E402
-from helper.data import build_data  # noqa: E402
-from helper.engine import ClassifierObjective, Precision  # noqa: E402
+from helper import distributed
+from helper.data import build_data
+from helper.engine import ClassifierObjective, Precision
 from helper.options import (
     effective_lr,
     lr_decay_epochs,
@@ -29,9 +27,9 @@ from helper.options import (
     teacher_run_folder,
     validate_teacher_args,
 )
-from helper.run import Run, Stage, fit, lr_schedule, prepare_folder, seed_everything, setup_logging, sgd  # noqa: E402
-from helper.setup import cli_errors, log_fast_path, prepare_model  # noqa: E402
-from models import create_model  # noqa: E402
+from helper.run import Run, Stage, fit, lr_schedule, prepare_folder, seed_everything, setup_logging, sgd
+from helper.setup import cli_errors, log_fast_path, prepare_model
+from models import create_model
 
 log = logging.getLogger("kd")
 

@@ -107,7 +107,7 @@ class AB(Distiller):
     def __init__(self, s_shapes: Shapes, t_shapes: Shapes, args: Any, n_data: int) -> None:
         super().__init__(s_shapes, t_shapes, args, n_data)
         self.check_pair(s_shapes, t_shapes, args)
-        self.main_loss = bool(getattr(args, "ab_main_stage", False))
+        self.main_loss = bool(args.ab_main_stage)
         self.has_loss = self.main_loss
         self.connector = Connector(s_shapes[1:-1], t_shapes[1:-1])
         self.criterion = ABLoss(len(s_shapes[1:-1]))

@@ -74,7 +74,7 @@ def warmup_epochs(args: Any) -> float:
     ``helper/loops.py`` applies ``criterion_kd`` (its ``DKDloss``) at full weight from the first epoch."""
     if args.dkd_warmup is not None:
         return args.dkd_warmup
-    return 0.0 if getattr(args, "ctkd", False) else 20.0
+    return 0.0 if args.ctkd else 20.0
 
 
 @register

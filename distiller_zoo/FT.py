@@ -173,7 +173,7 @@ class FT(Distiller):
         self.check_pair(s_shapes, t_shapes, args)
         self.paraphraser = Paraphraser(t_shapes[-2])
         self.translator = Translator(s_shapes[-2], t_shapes[-2])
-        self.criterion = FactorTransfer(paper_factor=getattr(args, "ft_paper_factor", False))
+        self.criterion = FactorTransfer(paper_factor=args.ft_paper_factor)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

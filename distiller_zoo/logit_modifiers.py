@@ -172,8 +172,8 @@ def add_modifier_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_modifier(args: Any, temperature: float) -> LogitModifier | None:
     """The modifier the flags ask for, or ``None`` (the loss then runs unchanged at ``temperature``)."""
-    ls = bool(getattr(args, "logit_stand", False))
-    ctkd = bool(getattr(args, "ctkd", False))
+    ls = bool(args.logit_stand)
+    ctkd = bool(args.ctkd)
     if not (ls or ctkd):
         return None
     learned = None

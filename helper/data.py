@@ -24,13 +24,17 @@ class RunData:
 
 
 def build_data(
-    args: argparse.Namespace, device: torch.device, seed: int, sampler: Callable[..., Any] | None = None
+    args: argparse.Namespace,
+    device: torch.device,
+    seed: int,
+    sampler: Callable[..., Any] | None = None,
+    two_views: bool = False,
 ) -> RunData:
     """Load CIFAR-100, take the subset and validation split, and put the loaders on ``device``.
 
     ``sampler(args, labels, seed, device)``: the contrast sampler of the method that needs one (its
-    ``make_sampler``). The training subset is re-indexed 0..n-1, so ``Batch.index`` addresses rows of CRD's
-    memory directly.
+    ``make_sampler``); ``two_views``: every training image also as a strong view. The training subset is
+    re-indexed 0..n-1, so ``Batch.index`` addresses rows of CRD's memory directly.
     """
     data = load_cifar100(resolve_data_folder(args.data_folder))
     train_idx, val_idx = split_indices(data.train_labels, args.train_size, args.val_size, seed)
@@ -41,7 +45,7 @@ def build_data(
     crd = sampler(args, labels, seed, device) if sampler else None
     train = DeviceLoader(
         images, labels, args.batch_size, device, train=True, seed=seed, drop_last=args.drop_last, crd=crd,
-        memory_format=memory_format, strong_view=bool(getattr(args, "two_views", False)),
+        memory_format=memory_format, strong_view=two_views,
     )  # fmt: skip
     test_images, test_labels = data.test_images, data.test_labels
     if args.test_size:

@@ -200,15 +200,15 @@ def _protocol_suffix(args: argparse.Namespace) -> str:
     if args.test_size:
         parts.append(f"test{args.test_size}")
     # Logit modifiers change the KD term: such runs never share a folder with the plain method.
-    if getattr(args, "logit_stand", False):
+    if args.logit_stand:
         parts.append("ls")
-    if getattr(args, "ctkd", False):
+    if args.ctkd:
         parts.append("ctkd")
-    if getattr(args, "two_views", False):
+    if args.two_views:
         parts.append("2v")
-    if getattr(args, "dot", False):
+    if args.dot:
         parts.append("dot")
-    if getattr(args, "add", None):
+    if args.add:
         parts.append(added_suffix(args.add, args.distill))
     return "".join(f"_{p}" for p in parts)
 
@@ -334,7 +334,7 @@ def validate_student_args(args: argparse.Namespace) -> None:
     if args.two_views and not get_method(args.distill).two_views:
         two = ", ".join(n for n in method_names() if get_method(n).two_views)
         raise UsageError(f"--two_views: {args.distill} has no two-view loss; methods with one: {two}")
-    if getattr(args, "dot", False) and (args.amp == "fp16" or not 0 <= args.dot_delta <= args.momentum):
+    if args.dot and (args.amp == "fp16" or not 0 <= args.dot_delta <= args.momentum):
         raise UsageError(f"--dot: needs --amp none or bf16 (got {args.amp}) and 0 <= --dot_delta <= --momentum "
                          f"(got {args.dot_delta}, {args.momentum})")  # fmt: skip
     _non_negative(args, "gamma", "alpha", "beta", "init_epochs")

@@ -33,9 +33,8 @@ import sys
 import traceback
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what the scripts set before importing torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+import common.omp  # noqa: E402, F401 (as the entry points: before torch loads)
 import helper.checkpoint as checkpoint  # noqa: E402
 import helper.engine as engine  # noqa: E402
 import helper.run as run  # noqa: E402
