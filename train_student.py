@@ -30,6 +30,9 @@ from helper import distributed
 from helper.data import RunData, build_data
 from helper.engine import DistillObjective, InitObjective, Precision, evaluate
 from helper.fold import fold_batchnorm
+from helper.folder import prepare_folder
+from helper.logs import setup_logging
+from helper.optim import lr_schedule, seed_everything, sgd
 from helper.options import (
     UsageError,
     effective_lr,
@@ -40,16 +43,7 @@ from helper.options import (
     student_run_folder,
     validate_student_args,
 )
-from helper.run import (
-    Run,
-    Stage,
-    fit,
-    lr_schedule,
-    prepare_folder,
-    seed_everything,
-    setup_logging,
-    sgd,
-)
+from helper.run import Run, Stage, fit
 from helper.setup import cli_errors, log_fast_path, prepare_model
 from models import create_model, feature_shapes
 

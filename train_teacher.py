@@ -19,6 +19,9 @@ import sys
 from helper import distributed
 from helper.data import build_data
 from helper.engine import ClassifierObjective, Precision
+from helper.folder import prepare_folder
+from helper.logs import setup_logging
+from helper.optim import lr_schedule, seed_everything, sgd
 from helper.options import (
     effective_lr,
     lr_decay_epochs,
@@ -27,7 +30,7 @@ from helper.options import (
     teacher_run_folder,
     validate_teacher_args,
 )
-from helper.run import Run, Stage, fit, lr_schedule, prepare_folder, seed_everything, setup_logging, sgd
+from helper.run import Run, Stage, fit
 from helper.setup import cli_errors, log_fast_path, prepare_model
 from models import create_model
 

@@ -95,7 +95,7 @@ def _accumulate(buf: torch.Tensor | None, d: torch.Tensor, momentum: float) -> t
 
 
 def dot_optimizer(modules: list[nn.Module], lr: float, args: argparse.Namespace) -> DistillationOrientedTrainer:
-    """mdistiller's ``DOT.init_optimizer`` over the trainable parameters of ``modules`` (as ``helper.run.sgd``):
+    """mdistiller's ``DOT.init_optimizer`` over the trainable parameters of ``modules`` (as ``helper.optim.sgd``):
     momenta ``--momentum -/+ --dot_delta``, SGD's weight decay."""
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     return DistillationOrientedTrainer(

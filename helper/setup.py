@@ -14,8 +14,8 @@ from dataset import DataError
 from distiller_zoo import PairError
 from helper.checkpoint import CheckpointError
 from helper.engine import NonFiniteLoss
+from helper.folder import RunFinished
 from helper.options import UsageError
-from helper.run import RunFinished
 
 log = logging.getLogger("kd")
 

@@ -23,6 +23,7 @@ from helper.engine import (
     topk_correct,
     train_one_epoch,
 )
+from helper.optim import lr_schedule
 from helper.options import (
     UsageError,
     effective_lr,
@@ -35,7 +36,6 @@ from helper.options import (
     validate_student_args,
     validate_teacher_args,
 )
-from helper.run import lr_schedule
 from models import create_model
 
 CPU = torch.device("cpu")

@@ -33,8 +33,8 @@ import torch
 from shared_paths import DATA, ROOT, SHARED
 
 from helper.checkpoint import remove_partial_writes, save_atomic
+from helper.folder import lock_folder, release_folder
 from helper.options import UsageError, schedule_variants, student_parser, student_run_folder
-from helper.run import lock_folder, release_folder
 
 HAS_DATA = (DATA / "cifar-100-python").is_dir()
 TEACHER = SHARED / "teachers" / "resnet20_vanilla" / "ckpt_epoch_240.pth"
@@ -282,7 +282,7 @@ def test_resume_auto_with_a_longer_schedule_extends_the_finished_run(runner, ref
 
 
 def test_the_run_lock_dies_with_its_process(tmp_path):
-    code = "import sys, time; from pathlib import Path; from helper.run import lock_folder; "
+    code = "import sys, time; from pathlib import Path; from helper.folder import lock_folder; "
     code += "lock_folder(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)"
     child = subprocess.Popen(
         [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=ROOT, env=child_env()
