@@ -27,6 +27,11 @@ DEFAULT_LR = 0.05
 SMALL_LR = 0.01
 
 
+# Switches of train_student.py that change what a method trains, each with the suffix it adds to the run folder's
+# name and (but the protocol's two_views) to the method's name in the report: KD+LS, DKD+LS, KD+CTKD, KD+DOT.
+SWITCHES = {"logit_stand": "ls", "ctkd": "ctkd", "two_views": "2v", "dot": "dot"}
+
+
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     # RepDistiller's flags and defaults.
@@ -199,15 +204,8 @@ def _protocol_suffix(args: argparse.Namespace) -> str:
         parts.append(f"val{args.val_size}")
     if args.test_size:
         parts.append(f"test{args.test_size}")
-    # Logit modifiers change the KD term: such runs never share a folder with the plain method.
-    if args.logit_stand:
-        parts.append("ls")
-    if args.ctkd:
-        parts.append("ctkd")
-    if args.two_views:
-        parts.append("2v")
-    if args.dot:
-        parts.append("dot")
+    # Logit modifiers, the two-view protocol and DOT change what a method trains: never a folder of the plain one.
+    parts += [suffix for flag, suffix in SWITCHES.items() if getattr(args, flag)]
     if args.add:
         parts.append(added_suffix(args.add, args.distill))
     return "".join(f"_{p}" for p in parts)

@@ -134,7 +134,7 @@ def method_flags_of(kind: str, args: dict[str, Any]) -> Flags:
     defaults = _parser_defaults("student")
     keys = (
         k for k in defaults
-        if k not in teacher and k not in NEUTRAL_FLAGS and k not in MODIFIERS and k not in PROTOCOL_STUDENT_FLAGS
+        if k not in teacher and k not in NEUTRAL_FLAGS and k not in modifiers() and k not in PROTOCOL_STUDENT_FLAGS
     )  # fmt: skip
     return _non_default(args, defaults, keys)
 
@@ -163,9 +163,15 @@ def protocol_of(kind: str, args: dict[str, Any], summary: dict[str, Any], arch: 
 # train_student.py flags that change the training protocol rather than the method: shown with the protocol.
 PROTOCOL_STUDENT_FLAGS = frozenset({"two_views"})
 
-# Logit modifiers that combine with a method and give it a name of its own in the published tables
-# (the LS-KD README: KD+LS, DKD+LS, MLKD+LS, KD+CTKD; the mdistiller README: KD+DOT): flag -> suffix.
-MODIFIERS = {"logit_stand": "ls", "ctkd": "ctkd", "dot": "dot"}
+
+@functools.cache
+def modifiers() -> dict[str, str]:
+    """Logit modifiers that combine with a method and give it a name of its own in the published tables (the
+    LS-KD README: KD+LS, DKD+LS, MLKD+LS, KD+CTKD; the mdistiller README: KD+DOT): flag -> suffix, as the run
+    folders name them (``helper.options.SWITCHES``, imported lazily: it imports torch)."""
+    from helper.options import SWITCHES
+
+    return {flag: suffix for flag, suffix in SWITCHES.items() if flag not in PROTOCOL_STUDENT_FLAGS}
 
 
 def table_method(method: str, alpha: float, args: dict[str, Any] | None = None) -> str:
@@ -185,7 +191,7 @@ def table_method(method: str, alpha: float, args: dict[str, Any] | None = None) 
             own_kd = False  # a method this checkout does not register: name it by the rule above
         if not own_kd:
             name = f"{method}+kd"
-    for flag, suffix in MODIFIERS.items():
+    for flag, suffix in modifiers().items():
         if (args or {}).get(flag):
             name = f"{name}+{suffix}"
     return name
