@@ -31,7 +31,6 @@ from helper.data import RunData, build_data
 from helper.engine import DistillObjective, InitObjective, Precision, evaluate
 from helper.fold import fold_batchnorm
 from helper.folder import prepare_folder
-from helper.logs import setup_logging
 from helper.optim import lr_schedule, seed_everything, sgd
 from helper.options import (
     UsageError,
@@ -43,8 +42,8 @@ from helper.options import (
     student_run_folder,
     validate_student_args,
 )
-from helper.run import Run, Stage, fit
-from helper.setup import cli_errors, log_fast_path, prepare_model
+from helper.run import Run, Stage
+from helper.setup import log_fast_path, prepare_model, run_cli
 from models import create_model, feature_shapes
 
 log = logging.getLogger("kd")
@@ -233,11 +232,7 @@ def summary_of(
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    args = student_parser().parse_args(argv)
-    with cli_errors(), distributed.session():
-        fit(build(args))
-    return 0
+    return run_cli(student_parser(), build, argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from helper import distributed
 from helper.data import build_data
 from helper.engine import ClassifierObjective, Precision
 from helper.folder import prepare_folder
-from helper.logs import setup_logging
 from helper.optim import lr_schedule, seed_everything, sgd
 from helper.options import (
     effective_lr,
@@ -30,8 +29,8 @@ from helper.options import (
     teacher_run_folder,
     validate_teacher_args,
 )
-from helper.run import Run, Stage, fit
-from helper.setup import cli_errors, log_fast_path, prepare_model
+from helper.run import Run, Stage
+from helper.setup import log_fast_path, prepare_model, run_cli
 from models import create_model
 
 log = logging.getLogger("kd")
@@ -85,11 +84,7 @@ def build(args: argparse.Namespace) -> Run:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    args = teacher_parser().parse_args(argv)
-    with cli_errors(), distributed.session():
-        fit(build(args))
-    return 0
+    return run_cli(teacher_parser(), build, argv)
 
 
 if __name__ == "__main__":

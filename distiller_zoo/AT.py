@@ -14,20 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Distiller, Shapes, adaptive_avg_pool2d, register
+from .base import Distiller, Shapes, pool_to_smaller, register
 
 __all__ = ["Attention"]
-
-
-def pool_to_smaller(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adaptive-average-pool whichever of two (B, C, H, W) maps is taller down to the other's size
-    (RepDistiller's rule for stage pairs of different resolution)."""
-    s_h, t_h = f_s.shape[2], f_t.shape[2]
-    if s_h > t_h:
-        f_s = adaptive_avg_pool2d(f_s, f_t.shape[2:])
-    elif s_h < t_h:
-        f_t = adaptive_avg_pool2d(f_t, f_s.shape[2:])
-    return f_s, f_t
 
 
 class Attention(nn.Module):

@@ -27,8 +27,7 @@ from torch import nn
 
 from common.errors import PairError
 
-from .base import Distiller, Shapes, register
-from .NST import pool_to_smaller
+from .base import Distiller, Shapes, pool_to_smaller, register
 
 __all__ = ["FactorTransfer", "Paraphraser", "Translator", "FT"]
 

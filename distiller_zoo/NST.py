@@ -16,20 +16,9 @@ from torch import nn
 
 from common.errors import PairError
 
-from .base import Distiller, Shapes, adaptive_avg_pool2d, register
+from .base import Distiller, Shapes, pool_to_smaller, register
 
 __all__ = ["NSTLoss", "NST"]
-
-
-def pool_to_smaller(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Average-pool the map with the larger spatial size down to the other's size (RepDistiller compares
-    heights only and assumes square maps; pooling to the smaller ``(H, W)`` is the same for square maps)."""
-    s_h, t_h = f_s.shape[2], f_t.shape[2]
-    if s_h > t_h:
-        f_s = adaptive_avg_pool2d(f_s, f_t.shape[2:])
-    elif s_h < t_h:
-        f_t = adaptive_avg_pool2d(f_t, f_s.shape[2:])
-    return f_s, f_t
 
 
 class NSTLoss(nn.Module):

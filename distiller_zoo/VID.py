@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .AT import pool_to_smaller
-from .base import Distiller, Shapes, register
+from .base import Distiller, Shapes, pool_to_smaller, register
 
 __all__ = ["VIDLoss"]
 

@@ -261,3 +261,14 @@ def _window_means(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
     inside = (j >= (i * n_in) // n_out) & (j < ((i + 1) * n_in + n_out - 1) // n_out)  # (n_out, n_in)
     weights = inside.to(like.dtype)
     return weights / weights.sum(dim=1, keepdim=True)
+
+
+def pool_to_smaller(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive-average-pool whichever of two (B, C, H, W) maps is taller down to the other's size
+    (RepDistiller's rule for stage pairs of different resolution)."""
+    s_h, t_h = f_s.shape[2], f_t.shape[2]
+    if s_h > t_h:
+        f_s = adaptive_avg_pool2d(f_s, f_t.shape[2:])
+    elif s_h < t_h:
+        f_t = adaptive_avg_pool2d(f_t, f_s.shape[2:])
+    return f_s, f_t

@@ -5,17 +5,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from dataset import DataError
 from distiller_zoo import PairError
+from helper import distributed
 from helper.checkpoint import CheckpointError
 from helper.engine import NonFiniteLoss
 from helper.folder import RunFinished
+from helper.logs import setup_logging
 from helper.options import UsageError
+from helper.run import fit
 
 log = logging.getLogger("kd")
 
@@ -96,3 +100,12 @@ def log_fast_path(args: argparse.Namespace) -> None:
         folded = "teacher BatchNorms folded" if args.fold_teacher_bn else "teacher unfolded (--no_fold_teacher_bn)"
         parts.insert(1, folded)
     log.info("speed settings: %s", ", ".join(parts))
+
+
+def run_cli(parser: argparse.ArgumentParser, build: Callable[[argparse.Namespace], Any], argv: list[str] | None) -> int:
+    """An entry point's ``main``: parse ``argv``, build the run, train it; a user error is one line, status 2."""
+    setup_logging()
+    args = parser.parse_args(argv)
+    with cli_errors(), distributed.session():
+        fit(build(args))
+    return 0
