@@ -108,7 +108,8 @@ def test_short_cpu_run_times_both_loops_for_kd_and_crd(tmp_path: Path, capsys: p
         rounds = payload["results"][method]
         assert set(rounds) == {"baseline", "fp32", "fp32+channels_last+fold"}
         for name, values in rounds.items():
-            assert len(values) == 2 and all(10 < v < 1e5 for v in values), (method, name, values)
+            # A rate, not a time: positive and finite on any machine (a loaded 2-core one measured 8.6 images/s).
+            assert len(values) == 2 and all(0 < v < 1e6 and math.isfinite(v) for v in values), (method, name, values)
     printed = capsys.readouterr().out
     assert "| kd | " in printed and "| crd | " in printed and "speed-up (median of rounds)" in printed
 
