@@ -209,6 +209,16 @@ def test_published_tables_are_complete():
     assert all(r.source and r.protocol for r in newer)
 
 
+def test_rld_numbers_are_marked_third_party_and_crld_has_none():
+    # No primary source for RLD's table was readable (the RLD README has none); every row says so.
+    rld = {(r.teacher, r.student): r for r in published.load(published.TABLES[1]) if r.method == "rld"}
+    assert len(rld) == 10 and set(rld) <= set(published.PAIRS)
+    assert rld[("resnet32x4", "resnet8x4")].acc == 76.64 and rld[("ResNet50", "MobileNetV2")].acc == 70.76
+    assert all("3rd-party" in r.source and "mean of 3 runs" in r.protocol for r in rld.values())
+    # CRLD's paper numbers were found in no readable source (official repo not stored): no row, no comparison.
+    assert all(published.lookup(t, s, "crld") is None for t, s in published.PAIRS)
+
+
 def test_method_flags_name_the_method_but_keep_the_protocol(tmp_path: Path):
     crd = dict(model_s="resnet20", model_t="resnet56", distill="crd", weights=(1.0, 0.0, 0.8))
     make_run(tmp_path, "crd_default", test_acc=71.0, **crd)
