@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from distiller_zoo import get_method
+from distiller_zoo import get_method, method_names
 from helper import published, recipes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def test_dry_run_prints_the_tables_commands(script: str, env: dict[str, str]):
         recipes.command(m, t, s, trial, epochs=epochs, extra=extra)
         for trial in trials
         for t, s in published.PAIRS
-        for m in recipes.methods(script)
+        for m in recipes.default_methods(script)
         if not recipes.skipped(m, t, s)
     ]
     assert _dry_run(recipes.SCRIPTS[script], **env) == expected
@@ -153,12 +153,49 @@ def test_command_line(capsys: pytest.CaptureFixture[str], tmp_path: Path):
     assert "--ttm_l: recipe 0.1, run 0.3" in capsys.readouterr().out
 
 
-def test_readme_method_table_shows_the_defaults():
-    """README's method table: each method's first ``-r / -a / -b`` triple is its ``defaults`` (which the test
-    above checks against the table)."""
+def test_readme_method_table_is_generated_from_the_tables():
+    """README's method table is the generated block: one row per registered method with its label from
+    methods.csv and its ``defaults``; a changed label is a stale README."""
     text = (ROOT / "README.md").read_text()
-    rows = re.findall(r"^\| `([a-z0-9_+-]+)` \| [^|]+ \| ([0-9.e-]+) / ([0-9.e-]+) / ([0-9.e-]+)", text, re.M)
-    assert len(rows) >= 20
-    for name, *weights in rows:
+    assert recipes.render("README.md", text) == text
+    rows = re.findall(r"^\| `([a-z0-9_+-]+)` \| ([^|]+) \| [^|]+ \| ([0-9.e-]+) / ([0-9.e-]+) / ([0-9.e-]+) \|", text, re.M)
+    assert sorted(name for name, *_ in rows) == sorted(method_names())
+    for name, label, *weights in rows:
         d = get_method(name).defaults
+        assert label.strip() == published.METHOD_LABELS[name]
         assert [float(w) for w in weights] == [d["gamma"], d["alpha"], d["beta"]], name
+    assert "| `wkd_l` | WKD-L |" in text and "`wkd_l`, `wkd_l+f` |" in text
+    stale = text.replace("| `kd` | KD |", "| `kd` | Knowledge distillation |")
+    assert stale != text and recipes.render("README.md", stale) == text
+
+
+def test_every_method_name_has_one_label():
+    """methods.csv labels every registered method, every recipe and every method of the published tables,
+    each once; the report's order is its order."""
+    names = [r["method"] for r in published.method_table()]
+    assert len(names) == len(set(names))
+    wanted = {*method_names(), *recipes.methods(), *(row.method for row in published.load_all())}
+    assert wanted <= set(names), wanted - set(names)
+    assert published.method_label("crd+kd") == "CRD+KD" and published.method_label("nope") == "nope"
+    assert published.method_rank("kd") < published.method_rank("crd") < published.method_rank("dkd")
+
+
+def test_wkd_l_f_is_the_official_combined_config():
+    """JiamingLv/WKD configs/cifar100/wkd_lf: WKD-L (weight, T) and WKD-F (weight, ratio, grid) in one run."""
+    argv = recipes.flags("wkd_l+f", "resnet32x4", "resnet8x4")
+    assert {f: argv[argv.index(f) + 1] for f in ("--distill", "--wkd_weight", "--add", "--wkdf_ratio")} == {
+        "--distill": "wkd_l", "--wkd_weight": "200", "--add": "wkdf:0.08", "--wkdf_ratio": "8",
+    }  # fmt: skip
+    assert "--wkd_T" not in argv  # T 8: the --wkd_T default
+    args = recipes.parse("wkd_l+f", "wrn_40_2", "ShuffleV1")
+    assert (args.wkd_weight, args.wkd_T, args.add, args.wkdf_ratio, args.wkdf_grid) == (60, 4, ["wkdf:0.5"], 3, 4)
+
+
+def test_optional_variant_runs_only_when_named():
+    """MLKD's first-commit schedule (480 epochs on every pair) is a labelled, optional recipe."""
+    assert recipes.optional("mlkd-480ep") and "mlkd-480ep" not in recipes.default_methods("newer")
+    args = recipes.parse("mlkd-480ep", "resnet56", "resnet20")
+    assert (args.epochs, args.learning_rate, args.two_views, args.trial) == (480, 0.025, True, "v1_1")
+    assert recipes.parse("mlkd-480ep", "vgg13", "MobileNetV2").learning_rate == 0.0025
+    named = _dry_run("scripts/run_cifar_newer.sh", METHODS="mlkd mlkd-480ep", PAIRS="resnet32x4:ShuffleV1")
+    assert named == [recipes.command(m, "resnet32x4", "ShuffleV1") for m in ("mlkd", "mlkd-480ep")]
