@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:
 from helper import recipes  # noqa: E402
 
 # RepDistiller decays the LR after epochs 150, 180, 210 of 240; the short schedule decays at the same fractions.
-DECAY_FRACTIONS = tuple(n / d for n, d in recipes.DECAY_FRACTIONS)
+DECAY_FRACTIONS = tuple(n / d for n, d in recipes.schedule()[1])
 # The published pair whose recipe (helper/published/recipes.csv) each method runs: RepDistiller's smallest ResNet
 # pair, the closest to the demo's resnet20 -> resnet8 (DKD's beta 2 is mdistiller's for it).
 RECIPE_PAIR = ("resnet56", "resnet20")
@@ -97,7 +97,7 @@ def method_flags(method: str, epochs: int, train_size: int) -> list[str]:
     args = recipes.parse(method, *RECIPE_PAIR)
     for dest in sorted(d for d in _own_flags(args.distill) if d.endswith("_warmup")):
         warmup = warmup_epochs(args) if dest == "dkd_warmup" else getattr(args, dest)
-        argv += [f"--{dest}", f"{warmup * epochs / recipes.STANDARD_EPOCHS:.3g}"]
+        argv += [f"--{dest}", f"{warmup * epochs / recipes.schedule()[0]:.3g}"]
     if args.distill == "crd":
         # RepDistiller's 16384 negatives need more images than a subset has (they are drawn from the other
         # classes' images): the largest power of two up to 4096 (its dataset default) that the subset holds.

@@ -56,6 +56,16 @@ def test_scripts_are_the_table():
     assert recipes.sync_scripts(write=False) == []
     text = (ROOT / "scripts" / "run_cifar_newer.sh").read_text()
     assert recipes.render("scripts/run_cifar_newer.sh", text.replace("--dkd_beta 2", "--dkd_beta 3")) == text
+    vanilla = (ROOT / "scripts" / "run_cifar_vanilla.sh").read_text()
+    assert recipes.render("scripts/run_cifar_vanilla.sh", vanilla.replace(" vgg8 ", " vgg11 ")) == vanilla
+    assert f"TEACHER_MODELS=({' '.join(published.TEACHERS)})" in vanilla
+
+
+def test_schedule_is_train_students_defaults():
+    """240 epochs and decays at 150/180/210 are written once, as train_student.py's defaults."""
+    assert recipes.schedule() == (240, ((5, 8), (3, 4), (7, 8)))
+    assert recipes.decay_epochs(24) == "15,18,21" and recipes.decay_epochs(240) == "150,180,210"
+    assert recipes.scaled_epochs(960, 24) == 96 and recipes.scaled_epochs(480, None) == 480
 
 
 def _dry_run(script: str, **env: str) -> list[list[str]]:
