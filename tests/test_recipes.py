@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from distiller_zoo import get_method, method_names
-from helper import published, recipes
+from helper import published, recipes, report
 
 ROOT = Path(__file__).resolve().parents[1]
 SWITCHES = ("--logit_stand", "--ctkd", "--two_views")
@@ -66,6 +66,14 @@ def test_schedule_is_train_students_defaults():
     assert recipes.schedule() == (240, ((5, 8), (3, 4), (7, 8)))
     assert recipes.decay_epochs(24) == "15,18,21" and recipes.decay_epochs(240) == "150,180,210"
     assert recipes.scaled_epochs(960, 24) == 96 and recipes.scaled_epochs(480, None) == 480
+    assert report.STANDARD_EPOCHS == recipes.schedule()[0]  # the report's "standard protocol"
+
+
+def test_readmes_example_command_is_the_crd_recipe():
+    """README's first example (RepDistiller's own command) carries the table's CRD weights."""
+    text = (ROOT / "README.md").read_text()
+    example = re.search(r"--distill crd --model_s resnet8x4 (.*) --trial 1", text)
+    assert example and example.group(1).split() == recipes.flags("crd")[2:]
 
 
 def _dry_run(script: str, **env: str) -> list[list[str]]:
