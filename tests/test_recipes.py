@@ -225,6 +225,9 @@ def test_wkd_l_f_is_the_official_combined_config():
     assert "--wkd_T" not in argv  # T 8: the --wkd_T default
     args = recipes.parse("wkd_l+f", "wrn_40_2", "ShuffleV1")
     assert (args.wkd_weight, args.wkd_T, args.add, args.wkdf_ratio, args.wkdf_grid) == (60, 4, ["wkdf:0.5"], 3, 4)
+    assert recipes.match(vars(args), "wrn_40_2", "ShuffleV1") == ("wkd_l+f", [])  # the report's n/c
+    plain = vars(recipes.parse("wkd_l", "wrn_40_2", "ShuffleV1"))
+    assert recipes.match(plain, "wrn_40_2", "ShuffleV1") == ("wkd_l", [])
 
 
 def test_optional_variant_runs_only_when_named():
@@ -233,5 +236,8 @@ def test_optional_variant_runs_only_when_named():
     args = recipes.parse("mlkd-480ep", "resnet56", "resnet20")
     assert (args.epochs, args.learning_rate, args.two_views, args.trial) == (480, 0.025, True, "v1_1")
     assert recipes.parse("mlkd-480ep", "vgg13", "MobileNetV2").learning_rate == 0.0025
+    first = vars(recipes.parse("mlkd-480ep", "resnet32x4", "ShuffleV1"))
+    assert recipes.match(first, "resnet32x4", "ShuffleV1") == ("mlkd-480ep", [])
+    assert recipes.match({**first, "epochs": 960}, "resnet32x4", "ShuffleV1") == ("mlkd", [])
     named = _dry_run("scripts/run_cifar_newer.sh", METHODS="mlkd mlkd-480ep", PAIRS="resnet32x4:ShuffleV1")
     assert named == [recipes.command(m, "resnet32x4", "ShuffleV1") for m in ("mlkd", "mlkd-480ep")]
