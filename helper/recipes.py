@@ -12,7 +12,11 @@ no published number on that pair and the script leaves it out) and ``@optional``
 MLKD's first-commit schedule: the script runs it only when it is named with ``--methods``).
 
 The run scripts ``scripts/run_cifar_distill.sh`` and ``scripts/run_cifar_newer.sh`` are generated from it
-(``python -m helper.recipes scripts --write``; ``--check`` compares). Other entry points::
+(``python -m helper.recipes scripts --write``; without ``--write`` it compares), as are the table of
+``helper/published/newer_recipes.md``, README's method table (labels from ``helper/published/methods.csv``,
+papers and default weights from the method files) and ``scripts/run_cifar_vanilla.sh``'s models
+(``helper.published``). The schedule that ``EPOCHS`` scales (240 epochs, decays at 150/180/210) is
+``train_student.py``'s defaults (:func:`schedule`). Other entry points::
 
     python -m helper.recipes show dkd resnet56:resnet20     # the training command
     python -m helper.recipes diff save/student_model/RUN    # how a run's args.json differs from its recipe
@@ -472,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     diff = sub.add_parser("diff", help="how a run folder's args.json differs from its published recipe")
     diff.add_argument("folder")
     sub.add_parser("list", help="every recipe and its script")
-    scripts = sub.add_parser("scripts", help="regenerate (--write) or compare (--check) the run scripts")
+    scripts = sub.add_parser("scripts", help="compare the generated blocks (scripts, README) with the tables; --write")
     scripts.add_argument("--write", action="store_true")
     opts = p.parse_args(argv)
     try:

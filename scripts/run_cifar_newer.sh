@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The newer methods' CIFAR-100 tables: OFD, ReviewKD, DKD, DIST, KD+CTKD, KD+LS, DKD+LS, MLKD, MLKD+LS (both with
-# MLKD's two views), MLKD-std (its loss, one view), SimKD, WTTM on RepDistiller's 13 teacher/student pairs, each
-# with its published recipe. The recipes below are generated from helper/published/recipes.csv, which names the
-# source (repository, file, commit) of every value; `python -m helper.recipes show METHOD T:S --sources` prints one.
+# The newer methods' CIFAR-100 tables: every recipe of RECIPE_METHODS below (their names in tables:
+# helper/published/methods.csv) on RepDistiller's 13 teacher/student pairs, each with its published recipe; those
+# of RECIPE_OPTIONAL (labelled variants) only when named. The recipes below are generated from
+# helper/published/recipes.csv, which names the source (repository, file, commit) of every value;
+# `python -m helper.recipes show METHOD T:S --sources` prints one.
 #
 #   scripts/run_cifar_newer.sh                                  # every method on every pair
 #   scripts/run_cifar_newer.sh dkd kd+ls                        # only these methods
@@ -10,8 +11,8 @@
 #   scripts/run_cifar_newer.sh --dry-run --methods "mlkd wttm" --pairs "resnet32x4:resnet8x4"
 #
 # Options (flag or environment variable), besides those listed in scripts/queue.sh:
-#   --methods "a b"   METHODS          a subset of RECIPE_METHODS below (default: all); names may also be
-#                                      given as arguments
+#   --methods "a b"   METHODS          a subset of RECIPE_METHODS below (default: all but RECIPE_OPTIONAL);
+#                                      names may also be given as arguments
 #   --pairs "t:s ..." PAIRS            teacher:student pairs (default: the 13 published ones)
 #   TEACHER_DIR / TEACHER_TEMPLATE     where the teachers are, as in scripts/run_cifar_distill.sh
 # EPOCHS shortens every schedule (MLKD's 480/960-epoch recipes to 2/4 x EPOCHS) and scales the LR decay epochs

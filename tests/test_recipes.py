@@ -66,7 +66,7 @@ def test_schedule_is_train_students_defaults():
     assert recipes.schedule() == (240, ((5, 8), (3, 4), (7, 8)))
     assert recipes.decay_epochs(24) == "15,18,21" and recipes.decay_epochs(240) == "150,180,210"
     assert recipes.scaled_epochs(960, 24) == 96 and recipes.scaled_epochs(480, None) == 480
-    assert report.STANDARD_EPOCHS == recipes.schedule()[0]  # the report's "standard protocol"
+    assert recipes.schedule()[0] == report.STANDARD_EPOCHS  # the report's "standard protocol"
 
 
 def test_readmes_example_command_is_the_crd_recipe():
