@@ -173,7 +173,8 @@ def table_method(method: str, alpha: float, args: dict[str, Any] | None = None) 
 
     RepDistiller's naming: a feature method trained with the KD term as well (``-a`` > 0) is
     ``<method>+kd`` (CRD+KD is ``--distill crd -a 1 -b 0.8``). Logit modifiers append theirs:
-    ``--distill kd --logit_stand`` is ``kd+ls``, ``--distill dkd --logit_stand`` is ``dkd+ls``.
+    ``--distill kd --logit_stand`` is ``kd+ls``, ``--distill dkd --logit_stand`` is ``dkd+ls``. Methods added
+    with ``--add`` follow: ``--distill wttm --add itrd:1`` is ``wttm+itrd``.
     """
     name = method
     if alpha > 0 and method != "kd":
@@ -188,6 +189,8 @@ def table_method(method: str, alpha: float, args: dict[str, Any] | None = None) 
     for flag, suffix in MODIFIERS.items():
         if (args or {}).get(flag):
             name = f"{name}+{suffix}"
+    for spec in (args or {}).get("add") or ():  # --add itrd:1: WTTM+ITRD, as TTM's README names it
+        name += "".join(f"+{item.partition(':')[0].strip()}" for item in spec.split(",") if item.strip())
     return name
 
 

@@ -200,7 +200,7 @@ def test_readme_method_table_is_generated_from_the_tables():
         d = get_method(name).defaults
         assert label.strip() == published.METHOD_LABELS[name]
         assert [float(w) for w in weights] == [d["gamma"], d["alpha"], d["beta"]], name
-    assert "| `wkd_l` | WKD-L |" in text and "`wkd_l`, `wkd_l+f` |" in text
+    assert "| `wkd_l` | WKD-L |" in text and "`wkd_l`, `wkd_l+wkdf` |" in text
     stale = text.replace("| `kd` | KD |", "| `kd` | Knowledge distillation |")
     assert stale != text and recipes.render("README.md", stale) == text
 
@@ -218,14 +218,14 @@ def test_every_method_name_has_one_label():
 
 def test_wkd_l_f_is_the_official_combined_config():
     """JiamingLv/WKD configs/cifar100/wkd_lf: WKD-L (weight, T) and WKD-F (weight, ratio, grid) in one run."""
-    argv = recipes.flags("wkd_l+f", "resnet32x4", "resnet8x4")
+    argv = recipes.flags("wkd_l+wkdf", "resnet32x4", "resnet8x4")
     assert {f: argv[argv.index(f) + 1] for f in ("--distill", "--wkd_weight", "--add", "--wkdf_ratio")} == {
         "--distill": "wkd_l", "--wkd_weight": "200", "--add": "wkdf:0.08", "--wkdf_ratio": "8",
     }  # fmt: skip
     assert "--wkd_T" not in argv  # T 8: the --wkd_T default
-    args = recipes.parse("wkd_l+f", "wrn_40_2", "ShuffleV1")
+    args = recipes.parse("wkd_l+wkdf", "wrn_40_2", "ShuffleV1")
     assert (args.wkd_weight, args.wkd_T, args.add, args.wkdf_ratio, args.wkdf_grid) == (60, 4, ["wkdf:0.5"], 3, 4)
-    assert recipes.match(vars(args), "wrn_40_2", "ShuffleV1") == ("wkd_l+f", [])  # the report's n/c
+    assert recipes.match(vars(args), "wrn_40_2", "ShuffleV1") == ("wkd_l+wkdf", [])  # the report's n/c
     plain = vars(recipes.parse("wkd_l", "wrn_40_2", "ShuffleV1"))
     assert recipes.match(plain, "wrn_40_2", "ShuffleV1") == ("wkd_l", [])
 
