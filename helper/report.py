@@ -117,9 +117,10 @@ def _non_default(args: dict[str, Any], defaults: dict[str, Any], keys: Iterable[
 
 
 def _default_lr(arch: str) -> float:
-    from helper.options import DEFAULT_LR, SMALL_LR, SMALL_LR_MODELS
+    """The learning rate the tools give ``arch`` when none is passed (RepDistiller's, per model)."""
+    from helper.options import effective_lr
 
-    return SMALL_LR if arch in SMALL_LR_MODELS else DEFAULT_LR
+    return effective_lr(argparse.Namespace(learning_rate=None), arch)
 
 
 def _fmt_value(value: Any) -> str:
