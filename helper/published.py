@@ -12,7 +12,8 @@ Two tables live in ``helper/published/``:
 Columns of both: ``source, setting, teacher, student, method, acc, std, protocol, notes``. Architectures
 use the registry names (``wrn_40_2``, ``ShuffleV1``); ``method`` is the ``--distill`` name (``kd``,
 ``hint``, ``crd``), ``crd+kd`` for CRD with ``-a 1``, ``teacher`` and ``vanilla`` for the two baselines.
-An empty ``acc`` is a cell the source marks N/A.
+An empty ``acc`` is a cell the source marks N/A. ``methods.csv`` gives every method name (these, the
+``--distill`` names and the recipe labels of ``recipes.csv``) its label in tables, in the report's order.
 """
 
 from __future__ import annotations

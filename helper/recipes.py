@@ -485,7 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if opts.cmd == "diff":
             return _diff(opts)
         if opts.cmd == "list":
-            print("\n".join(f"{m}\t{setting(m, '@script')}\t{shlex.join(flags(m))}" for m in methods()))
+            for m in methods():
+                print(f"{m}\t{setting(m, '@script')}{' (optional)' if optional(m) else ''}\t{shlex.join(flags(m))}")
             return 0
         stale = sync_scripts(opts.write)
         print(("rewritten: " if opts.write else "out of date: ") + " ".join(stale) if stale else "up to date")
