@@ -117,9 +117,10 @@ def _non_default(args: dict[str, Any], defaults: dict[str, Any], keys: Iterable[
 
 
 def _default_lr(arch: str) -> float:
-    from helper.options import DEFAULT_LR, SMALL_LR, SMALL_LR_MODELS
+    """The learning rate the tools give ``arch`` when none is passed (RepDistiller's, per model)."""
+    from helper.options import effective_lr
 
-    return SMALL_LR if arch in SMALL_LR_MODELS else DEFAULT_LR
+    return effective_lr(argparse.Namespace(learning_rate=None), arch)
 
 
 def _fmt_value(value: Any) -> str:
@@ -173,7 +174,8 @@ def table_method(method: str, alpha: float, args: dict[str, Any] | None = None) 
 
     RepDistiller's naming: a feature method trained with the KD term as well (``-a`` > 0) is
     ``<method>+kd`` (CRD+KD is ``--distill crd -a 1 -b 0.8``). Logit modifiers append theirs:
-    ``--distill kd --logit_stand`` is ``kd+ls``, ``--distill dkd --logit_stand`` is ``dkd+ls``.
+    ``--distill kd --logit_stand`` is ``kd+ls``, ``--distill dkd --logit_stand`` is ``dkd+ls``. Methods added
+    with ``--add`` follow: ``--distill wttm --add itrd:1`` is ``wttm+itrd``.
     """
     name = method
     if alpha > 0 and method != "kd":
@@ -188,6 +190,8 @@ def table_method(method: str, alpha: float, args: dict[str, Any] | None = None) 
     for flag, suffix in MODIFIERS.items():
         if (args or {}).get(flag):
             name = f"{name}+{suffix}"
+    for spec in (args or {}).get("add") or ():  # --add itrd:1: WTTM+ITRD, as TTM's README names it
+        name += "".join(f"+{item.partition(':')[0].strip()}" for item in spec.split(",") if item.strip())
     return name
 
 
