@@ -106,6 +106,7 @@ class NDDistiller(Distiller):
     defaults = {"gamma": 1.0, "alpha": 0.0, "beta": 1.0}
     needs_train_pass = True
     pooled_only = True  # reads feats[-1] alone, the same with and without preact: addable to ReviewKD
+    table_suffix = "++"  # the official names: --distill dkd --add nd is DKD++
 
     def __init__(self, s_shapes: Shapes, t_shapes: Shapes, args: Any, n_data: int) -> None:
         super().__init__(s_shapes, t_shapes, args, n_data)
@@ -126,7 +127,8 @@ class NDDistiller(Distiller):
     def check_pair(cls, s_shapes: Shapes, t_shapes: Shapes, args: Any) -> None:
         for side, shapes in (("student", s_shapes), ("teacher", t_shapes)):
             if len(shapes[-1]) != 1:
-                raise PairError(f"nd: the {side}'s last feature has shape {tuple(shapes[-1])}, expected a pooled vector")
+                shape = tuple(shapes[-1])
+                raise PairError(f"nd: the {side}'s last feature has shape {shape}, expected a pooled vector")
 
     def prepare(self, teacher: nn.Module, train_loader: Any, folder: Any) -> None:
         self.set_centers(self.centers(teacher, train_loader, folder))

@@ -80,6 +80,7 @@ class Distiller(nn.Module):
     two_views: ClassVar[bool] = False  # defines forward_views: a loss over a weak and a strong view (--two_views)
     needs_train_pass: ClassVar[bool] = False  # prepare() reads the teacher over the training set (WKD-L)
     pooled_only: ClassVar[bool] = False  # reads only feats[-1], equal with and without preact: --add serves both
+    table_suffix: ClassVar[str] = ""  # added with --add, it names the run <method><suffix> (default "+<name>")
 
     def __init__(self, s_shapes: Shapes, t_shapes: Shapes, args: Any, n_data: int) -> None:
         super().__init__()

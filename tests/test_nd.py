@@ -239,3 +239,17 @@ def test_cli_runs_a_base_method_plus_nd(command, weight, repdistiller_teacher, t
     assert folder.name.endswith(f"_add-nd-{weight}"), folder.name
     assert "loss_nd" in main and math.isfinite(main["loss_nd"]) and 0 < main["loss_nd"] < 2.5, main
     assert len(list(folder.glob("nd_centers_*_n100_train_aug_s*.pt"))) == 1
+
+
+def test_runs_are_named_and_matched_as_the_official_plus_plus_methods() -> None:
+    from helper import report
+
+    assert report.table_method("kd", 1.0, {"add": ["nd:2"]}) == "kd++"
+    assert report.table_method("dkd", 0.0, {"add": ["nd:4"]}) == "dkd++"
+    assert report.table_method("reviewkd", 0.0, {"add": ["nd:1"]}) == "reviewkd++"
+    assert report.table_method("wttm", 0.0, {"add": ["itrd:1.0"]}) == "wttm+itrd"  # other methods: +name
+    assert report.table_method("kd", 0.9, {"add": None}) == "kd"
+    run = vars(recipes.parse("dkd++", "resnet32x4", "ShuffleV1"))
+    assert recipes.match(run, "resnet32x4", "ShuffleV1") == ("dkd++", [])
+    plain = vars(recipes.parse("dkd", "resnet32x4", "ShuffleV1"))
+    assert recipes.match(plain, "resnet32x4", "ShuffleV1")[0] == "dkd"  # --add is a switch: never dkd++
