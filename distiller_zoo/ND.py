@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,7 @@ class NDDistiller(Distiller):
         was_training = teacher.training
         centers = class_means(teacher.eval(), loader.epoch(0))
         teacher.train(was_training)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # one per process: torchrun's ranks all compute and write
         torch.save({"centers": centers.cpu(), "teacher_sha256": key, "n_images": n}, tmp)
         tmp.replace(path)  # atomic: a crash never leaves half a file
         return centers

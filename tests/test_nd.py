@@ -253,3 +253,23 @@ def test_runs_are_named_and_matched_as_the_official_plus_plus_methods() -> None:
     assert recipes.match(run, "resnet32x4", "ShuffleV1") == ("dkd++", [])
     plain = vars(recipes.parse("dkd", "resnet32x4", "ShuffleV1"))
     assert recipes.match(plain, "resnet32x4", "ShuffleV1")[0] == "dkd"  # --add is a switch: never dkd++
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--nd_centers", "test"], "argument --nd_centers: invalid choice: 'test'"),
+        (["--add", "nd:-2"], "--add 'nd:-2': the weight must be zero or positive"),
+        (["--add", "nd:x"], "--add 'nd:x': weight 'x' is not a number"),
+        (["--distill", "nd", "--add", "nd"], "--add nd: already in this run"),
+    ],
+)
+def test_bad_nd_flags_are_one_line_errors(flags, message, tmp_path, capsys) -> None:
+    import train_student
+
+    argv = ["--path_t", str(tmp_path / "t.pth"), "--save_dir", str(tmp_path), *flags]
+    with pytest.raises(SystemExit) as exit_info:
+        train_student.main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2 and any(message in line for line in err), err
+    assert not list(tmp_path.glob("student_model/*"))
