@@ -10,7 +10,9 @@ ND is a term added to a base method: KD++, DKD++, DIST++ and ReviewKD++ of the o
 (WangYZ1608/Knowledge-Distillation-via-ND) are ``--distill kd -r 1 -a W_kd --add nd:W``, ``--distill dkd ...
 --add nd:W``, ``--distill dist ... --add nd:W`` and ``--distill reviewkd ... --add nd:W`` (``combine.py``); their
 published weights are the ``kd++``, ``dkd++``, ``dist++`` and ``reviewkd++`` rows of
-``helper/published/recipes.csv``. ``--distill nd`` alone is CE + ND.
+``helper/published/recipes.csv``. ``--distill nd`` alone is CE + ND. Not reproduced by those recipes (their notes
+say so): the official scripts ramp the base method's term by ``min(1, epoch / 20)`` from epoch 0 (here KD and DIST
+have no warm-up, DKD and ReviewKD their own from epoch 1) and train with Nesterov SGD (here plain momentum).
 """
 
 from __future__ import annotations
