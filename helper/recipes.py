@@ -225,8 +225,8 @@ PLACE_FLAGS = frozenset(
         "skip_nonfinite", "model_s", "model_t", "path_t",
     }
 )  # fmt: skip
-# Switches that pick a recipe among those of one --distill (kd, kd+ls, kd+ctkd; mlkd, mlkd-std).
-RECIPE_SWITCHES = ("distill", "logit_stand", "ctkd", "two_views")
+# Switches that pick a recipe among those of one --distill (kd, kd+ls, kd+ctkd, kd++; mlkd, mlkd-std).
+RECIPE_SWITCHES = ("distill", "logit_stand", "ctkd", "two_views", "add")
 
 
 def _same(a: Any, b: Any) -> bool:

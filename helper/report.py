@@ -169,13 +169,28 @@ PROTOCOL_STUDENT_FLAGS = frozenset({"two_views"})
 MODIFIERS = {"logit_stand": "ls", "ctkd": "ctkd", "dot": "dot"}
 
 
+def added_names(args: dict[str, Any] | None) -> list[str]:
+    """The methods a run added with ``--add`` (``["itrd:1.0", "nd:2,pkt"]`` -> ``["itrd", "nd", "pkt"]``)."""
+    specs = (args or {}).get("add") or []
+    return [item.partition(":")[0].strip() for spec in specs for item in spec.split(",") if item.strip()]
+
+
+def _table_suffix(added: str) -> str:
+    try:
+        from distiller_zoo import get_method
+
+        return get_method(added).table_suffix or f"+{added}"
+    except ValueError:
+        return f"+{added}"  # a method this checkout does not register
+
+
 def table_method(method: str, alpha: float, args: dict[str, Any] | None = None) -> str:
     """The name of a run in the tables.
 
     RepDistiller's naming: a feature method trained with the KD term as well (``-a`` > 0) is
     ``<method>+kd`` (CRD+KD is ``--distill crd -a 1 -b 0.8``). Logit modifiers append theirs:
-    ``--distill kd --logit_stand`` is ``kd+ls``, ``--distill dkd --logit_stand`` is ``dkd+ls``. Methods added
-    with ``--add`` follow: ``--distill wttm --add itrd:1`` is ``wttm+itrd``.
+    ``--distill kd --logit_stand`` is ``kd+ls``, ``--distill dkd --logit_stand`` is ``dkd+ls``. Added methods
+    append theirs: ``--distill wttm --add itrd`` is ``wttm+itrd``, ``--distill dkd --add nd:4`` is ``dkd++``.
     """
     name = method
     if alpha > 0 and method != "kd":
@@ -187,11 +202,11 @@ def table_method(method: str, alpha: float, args: dict[str, Any] | None = None) 
             own_kd = False  # a method this checkout does not register: name it by the rule above
         if not own_kd:
             name = f"{method}+kd"
+    for added in added_names(args):  # --add: wttm with itrd is wttm+itrd; ND names dkd with it dkd++
+        name += _table_suffix(added)
     for flag, suffix in MODIFIERS.items():
         if (args or {}).get(flag):
             name = f"{name}+{suffix}"
-    for spec in (args or {}).get("add") or ():  # --add itrd:1: WTTM+ITRD, as TTM's README names it
-        name += "".join(f"+{item.partition(':')[0].strip()}" for item in spec.split(",") if item.strip())
     return name
 
 
