@@ -83,8 +83,7 @@ class DKDDistiller(Distiller):
 
     Defaults (mdistiller ``mdistiller/engine/cfg.py``, ``CFG.DKD``): ``--dkd_alpha 1``, ``--dkd_beta 8``,
     ``--dkd_T 4``, a warm-up of 20 epochs (none under ``--ctkd``: :func:`warmup_epochs`), CE weight 1.
-    mdistiller's per-pair configs (``configs/cifar100/dkd/*.yaml``) lower beta to 2 for resnet56->resnet20 and
-    resnet110->resnet32 and to 6 for the WRN students, vgg13->vgg8 and vgg13->MobileNetV2:
+    mdistiller's per-pair configs (``configs/cifar100/dkd/*.yaml``) lower beta for six pairs:
     ``helper/published/recipes.csv`` holds them, ``scripts/run_cifar_newer.sh`` passes them.
 
     Recipe: the engine's ``-b`` multiplies this term (default 1), ``-a`` (default 0) adds the plain KD term,

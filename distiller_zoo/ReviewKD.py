@@ -104,8 +104,8 @@ class ReviewKDDistiller(Distiller):
     student for them (``--reviewkd_stu_preact`` switches to pre-ReLU student maps).
 
     Defaults: ``-b 5`` (mdistiller ``configs/cifar100/reviewkd.yaml``, ``REVIEWKD_WEIGHT 5.0``; the official
-    ``script/reviewKD.sh`` uses 5 for most pairs, 8 for resnet32x4->ShuffleV2, 0.6 for resnet56->resnet20,
-    1.0 for resnet110->resnet32), CE weight 1, ``--reviewkd_warmup 20`` epochs (mdistiller
+    ``script/reviewKD.sh`` uses 5 for most pairs and its own weight for three of them: the ``reviewkd`` rows of
+    ``helper/published/recipes.csv``), CE weight 1, ``--reviewkd_warmup 20`` epochs (mdistiller
     ``WARMUP_EPOCHS 20``, official ``--kd-warm-up 20``). The official CIFAR trainer uses batch 128, lr 0.1
     (0.02 for MobileNetV2/ShuffleNets) and Nesterov momentum; mdistiller reruns ReviewKD with RepDistiller's
     schedule, which is this benchmark's.

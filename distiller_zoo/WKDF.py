@@ -58,7 +58,8 @@ class WKDFDistiller(Distiller):
     Defaults: WKD ``configs/cifar100/wkd_f/res32x4_res8x4.yaml``: ``-b 0.08``, ``--wkdf_ratio 4``,
     ``--wkdf_grid 1``, ``--wkdf_eps 1e-5``, the weight's cosine decay from epoch 150 to the last (``--epochs``),
     CE weight 1 (``mdistiller/engine/cfg.py``'s own defaults, ratio 2, grid 4 and a bottleneck projector, are its
-    ImageNet settings). The other CIFAR config, wrn_40_2->ShuffleV1: ``-b 0.3 --wkdf_ratio 3 --wkdf_grid 4``.
+    ImageNet settings). The other CIFAR config (wrn_40_2->ShuffleV1) is a row of
+    ``helper/published/recipes.csv``.
     """
 
     name = "wkdf"

@@ -15,6 +15,8 @@ What a method declares (class attributes):
   sampler the method builds in ``make_sampler(args, labels, seed, device)`` (CRD).
 * ``has_loss``: ``False`` for methods without a term of their own (plain KD: its loss is ``alpha * KL``).
 * ``init_stage``: the method has an init stage of ``--init_epochs`` epochs (AB, FT, FSP).
+* ``pooled_only``: the method reads only the pooled vector ``feats[-1]``, which every model returns alike with
+  and without ``preact``, so ``--add`` may combine it with a method of either kind (ND with ReviewKD).
 
 What a method implements:
 
@@ -76,6 +78,8 @@ class Distiller(nn.Module):
     init_stage: ClassVar[bool] = False
     two_views: ClassVar[bool] = False  # defines forward_views: a loss over a weak and a strong view (--two_views)
     needs_train_pass: ClassVar[bool] = False  # prepare() reads the teacher over the training set (WKD-L)
+    pooled_only: ClassVar[bool] = False  # reads only feats[-1], equal with and without preact: --add serves both
+    table_suffix: ClassVar[str] = ""  # added with --add, it names the run <method><suffix> (default "+<name>")
 
     def __init__(self, s_shapes: Shapes, t_shapes: Shapes, args: Any, n_data: int) -> None:
         super().__init__()

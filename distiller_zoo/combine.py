@@ -14,7 +14,8 @@ here any registered method with a loss of its own can be added, each with its ow
 What cannot be added (a clear error before any work): the ``--distill`` method itself, a method twice, a
 method without a term of its own (``kd``: use ``-a``), one with an init stage, one that changes the deployed
 network (SimKD), one that reads pre-activation features when the ``--distill`` method does not (or the other
-way round), and any addition with ``--two_views``.
+way round; a ``pooled_only`` method such as ND reads ``feats[-1]``, the same either way), and any addition
+with ``--two_views``.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def parse_added(specs: Sequence[str] | None, primary: str) -> list[tuple[str, fl
                 raise ValueError(f"--add {name}: methods with an init stage or their own deployed network run alone")
             if not cls.has_loss:
                 raise ValueError(f"--add {name}: it has no term of its own (for the KD term, use -a)")
-            if cls.preact != get_method(primary).preact:
+            if cls.preact != get_method(primary).preact and not cls.pooled_only:
                 raise ValueError(f"--add {name}: reads {'pre' if cls.preact else 'post'}-activation features, "
                                  f"--distill {primary} the others; they cannot share one forward pass")  # fmt: skip
             out.append((name, cls.defaults.get("beta", 0.0) if weight is None else weight))

@@ -45,7 +45,8 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
         "--learning_rate",
         type=float,
         default=None,
-        help="SGD learning rate (default 0.05; 0.01 for MobileNetV2/ShuffleV1/ShuffleV2, as RepDistiller)",
+        help=f"SGD learning rate (default {DEFAULT_LR:g}; {SMALL_LR:g} for {'/'.join(SMALL_LR_MODELS)}, "
+        "as RepDistiller)",
     )
     add("--lr_decay_epochs", type=str, default="150,180,210", help="epochs after which the LR decays")
     add("--lr_decay_rate", type=float, default=0.1, help="LR decay factor")

@@ -12,7 +12,8 @@ Two tables live in ``helper/published/``:
 Columns of both: ``source, setting, teacher, student, method, acc, std, protocol, notes``. Architectures
 use the registry names (``wrn_40_2``, ``ShuffleV1``); ``method`` is the ``--distill`` name (``kd``,
 ``hint``, ``crd``), ``crd+kd`` for CRD with ``-a 1``, ``teacher`` and ``vanilla`` for the two baselines.
-An empty ``acc`` is a cell the source marks N/A.
+An empty ``acc`` is a cell the source marks N/A. ``methods.csv`` gives every method name (these, the
+``--distill`` names and the recipe labels of ``recipes.csv``) its label in tables, in the report's order.
 """
 
 from __future__ import annotations
@@ -46,55 +47,25 @@ CROSS_FAMILY_PAIRS = (
 PAIRS = SAME_FAMILY_PAIRS + CROSS_FAMILY_PAIRS
 TEACHERS = ("wrn_40_2", "resnet56", "resnet110", "resnet32x4", "vgg13", "ResNet50")
 
-# --distill name -> the name used in papers and tables, in RepDistiller's table order.
-METHOD_LABELS = {
-    "teacher": "Teacher",
-    "vanilla": "Vanilla",
-    "kd": "KD",
-    "hint": "FitNet",
-    "attention": "AT",
-    "similarity": "SP",
-    "correlation": "CC",
-    "vid": "VID",
-    "rkd": "RKD",
-    "pkt": "PKT",
-    "abound": "AB",
-    "factor": "FT",
-    "fsp": "FSP",
-    "nst": "NST",
-    "crd": "CRD",
-    "crd+kd": "CRD+KD",
-    "kdsvd": "KDSVD",
-    "ofd": "OFD",
-    "reviewkd": "ReviewKD",
-    "dkd": "DKD",
-    "kd+dot": "KD+DOT",
-    "dist": "DIST",
-    "kd+ctkd": "KD+CTKD",
-    "kd+ls": "KD+LS",
-    "dkd+ls": "DKD+LS",
-    "srrl": "SRRL",
-    "semckd": "SemCKD",
-    "simkd": "SimKD",
-    "itrd": "ITRD",
-    "ttm": "TTM",
-    "wttm": "WTTM",
-    "wttm+itrd": "WTTM+ITRD",
-    "catkd": "CAT-KD",
-    "wkdf": "WKD-F",
-    "kd++": "KD++",
-    "dist++": "DIST++",
-    "dkd++": "DKD++",
-    "reviewkd++": "ReviewKD++",
-    "mlkd": "MLKD",
-    "mlkd+ls": "MLKD+LS",
-    "luminet": "LumiNet",
-    "rld": "RLD",
-    "crld": "CRLD",
-    "sdd_kd": "SD-KD",
-    "sdd_dkd": "SD-DKD",
-    "wkd_l": "WKD-L",
-}
+METHODS_TABLE = DATA_DIR / "methods.csv"
+
+
+@functools.cache
+def method_table() -> tuple[dict[str, str], ...]:
+    """``methods.csv``: one row per method name (a ``--distill`` name, a recipe label of ``recipes.csv`` or a
+    method of the published tables) with its ``label`` (the name in papers and tables) and, for a registered
+    method, its ``authors`` (README's method table). Its order is the report's: RepDistiller's table order, then
+    the newer methods. The one place a label is written."""
+    with open(METHODS_TABLE, newline="") as f:
+        rows = tuple({k: (v or "").strip() for k, v in r.items()} for r in csv.DictReader(f))
+    names = [r["method"] for r in rows]
+    if len(set(names)) != len(names) or not all(r["label"] for r in rows):
+        raise ValueError(f"{METHODS_TABLE}: a method listed twice or without its label")
+    return rows
+
+
+# method name -> the name used in papers and tables, in the report's order.
+METHOD_LABELS = {r["method"]: r["label"] for r in method_table()}
 
 
 def method_label(method: str) -> str:

@@ -7,11 +7,16 @@ or ``*`` for every pair; a pair's row overrides the ``*`` row of the same flag),
 ``--two_views``), and ``repo``, ``file``, ``commit`` (where the value is written) with a free ``note``.
 Flags starting with ``@`` are for the scripts, not for ``train_student.py``: ``@script`` (``distill`` or
 ``newer``: the script that runs the method), ``@trial_prefix`` (prepended to the trial, so that e.g. KD+LS
-does not share plain KD's run folder; the seed comes from the trial's digits) and ``@skip`` (the method has
-no published number on that pair and the script leaves it out).
+does not share plain KD's run folder; the seed comes from the trial's digits), ``@skip`` (the method has
+no published number on that pair and the script leaves it out) and ``@optional`` (a labelled variant, e.g.
+MLKD's first-commit schedule: the script runs it only when it is named with ``--methods``).
 
 The run scripts ``scripts/run_cifar_distill.sh`` and ``scripts/run_cifar_newer.sh`` are generated from it
-(``python -m helper.recipes scripts --write``; ``--check`` compares). Other entry points::
+(``python -m helper.recipes scripts --write``; without ``--write`` it compares), as are the table of
+``helper/published/newer_recipes.md``, README's method table (labels from ``helper/published/methods.csv``,
+papers and default weights from the method files) and ``scripts/run_cifar_vanilla.sh``'s models
+(``helper.published``). The schedule that ``EPOCHS`` scales (240 epochs, decays at 150/180/210) is
+``train_student.py``'s defaults (:func:`schedule`). Other entry points::
 
     python -m helper.recipes show dkd resnet56:resnet20     # the training command
     python -m helper.recipes diff save/student_model/RUN    # how a run's args.json differs from its recipe
@@ -37,6 +42,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +50,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT / "helper" / "published" / "recipes.csv"
 COLUMNS = ("method", "pair", "flag", "value", "repo", "file", "commit", "note")
 SCRIPTS = {"distill": "scripts/run_cifar_distill.sh", "newer": "scripts/run_cifar_newer.sh"}
-STANDARD_EPOCHS = 240
-# The decay epochs 150/180/210 of RepDistiller's 240-epoch schedule as fractions, for a shortened schedule.
-DECAY_FRACTIONS = ((5, 8), (3, 4), (7, 8))
 
 
 class RecipeError(ValueError):
@@ -127,6 +130,17 @@ def skipped(method: str, teacher: str, student: str) -> bool:
     return setting(method, "@skip", teacher, student) is not None
 
 
+def optional(method: str) -> bool:
+    """An ``@optional`` recipe (a variant such as MLKD's first-commit schedule): its script runs it only when
+    it is named (``--methods``), not by default."""
+    return setting(method, "@optional") is not None
+
+
+def default_methods(script: str) -> list[str]:
+    """The recipes a script runs when no ``--methods`` are given."""
+    return [m for m in methods(script) if not optional(m)]
+
+
 def flags(method: str, teacher: str | None = None, student: str | None = None) -> list[str]:
     """The ``train_student.py`` flags of ``method`` on a pair (or on any pair), as command-line words."""
     argv: list[str] = []
@@ -140,21 +154,31 @@ def trial_id(method: str, trial: str | int) -> str:
     return f"{setting(method, '@trial_prefix') or ''}{trial}"
 
 
+@functools.cache
+def schedule() -> tuple[int, tuple[tuple[int, int], ...]]:
+    """RepDistiller's schedule as ``train_student.py``'s defaults give it: its epochs (240) and its decay epochs
+    as reduced fractions of them (150/180/210 -> 5/8, 3/4, 7/8), for a shortened schedule."""
+    parser = _student_parser()
+    epochs = int(parser.get_default("epochs"))
+    fractions = [Fraction(int(e), epochs) for e in parser.get_default("lr_decay_epochs").split(",")]
+    return epochs, tuple((f.numerator, f.denominator) for f in fractions)
+
+
 def scaled_epochs(recipe_epochs: int, epochs: int | None) -> int:
     """A recipe's epochs under the scripts' ``EPOCHS`` override: ``recipe * EPOCHS / 240`` (so MLKD's 960-epoch
     recipes run four times ``EPOCHS``), at least 1."""
-    return recipe_epochs if epochs is None else max(recipe_epochs * epochs // STANDARD_EPOCHS, 1)
+    return recipe_epochs if epochs is None else max(recipe_epochs * epochs // schedule()[0], 1)
 
 
 def decay_epochs(epochs: int) -> str:
     """150/180/210 scaled to a schedule of ``epochs`` (5/8, 3/4, 7/8 of it, at least epoch 1)."""
-    return ",".join(str(max(epochs * n // d, 1)) for n, d in DECAY_FRACTIONS)
+    return ",".join(str(max(epochs * n // d, 1)) for n, d in schedule()[1])
 
 
 def run_flags(method: str, teacher: str | None, student: str | None, epochs: int | None = None) -> list[str]:
     """The recipe's flags with the ``EPOCHS`` override applied (``--epochs`` scaled, the decay epochs moved)."""
     argv = flags(method, teacher, student)
-    if epochs is None or epochs == STANDARD_EPOCHS:
+    if epochs is None or epochs == schedule()[0]:
         return argv
     if "--epochs" in argv:
         i = argv.index("--epochs") + 1
@@ -201,8 +225,8 @@ PLACE_FLAGS = frozenset(
         "skip_nonfinite", "model_s", "model_t", "path_t",
     }
 )  # fmt: skip
-# Switches that pick a recipe among those of one --distill (kd, kd+ls, kd+ctkd; mlkd, mlkd-std).
-RECIPE_SWITCHES = ("distill", "logit_stand", "ctkd", "two_views")
+# Switches that pick a recipe among those of one --distill (kd, kd+ls, kd+ctkd, kd++; mlkd, mlkd-std).
+RECIPE_SWITCHES = ("distill", "logit_stand", "ctkd", "two_views", "add")
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -284,7 +308,11 @@ def script_block(script: str) -> str:
     lines = [
         f"{BEGIN}: generated by `python -m helper.recipes scripts --write` from helper/published/recipes.csv,",
         "# which names the source of every value; edit the table, not these lines.",
+        f'RECIPE_PAIRS="{" ".join(f"{t}:{s}" for t, s in PAIRS)}"',
+        f"RECIPE_STANDARD_EPOCHS={schedule()[0]}",
+        f"RECIPE_DECAY_FRACTIONS=({' '.join(f'{chr(34)}{n} {d}{chr(34)}' for n, d in schedule()[1])})",
         f"RECIPE_METHODS=({' '.join(names)})",
+        f"RECIPE_OPTIONAL=({' '.join(m for m in names if optional(m))})",
         "declare -A RECIPE=(",
     ]
     for m in names:
@@ -324,10 +352,57 @@ def docs_block(script: str) -> str:
     return "\n".join([*lines, "<!-- END RECIPES -->"])
 
 
+def _weights_text(defaults: dict[str, float]) -> str:
+    return " / ".join(f"{defaults.get(k, d):g}" for k, d in (("gamma", 1.0), ("alpha", 0.0), ("beta", 0.0)))
+
+
+def readme_block() -> str:
+    """README's method table: every registered ``--distill`` method, in the report's order, with its label and
+    authors (``methods.csv``), its paper, default weights and init stage (its file), the repositories its own
+    recipe (the one named after it) cites and every recipe that runs it (``recipes.csv``)."""
+    from distiller_zoo import get_method, method_names
+    from helper.published import METHOD_LABELS, method_rank, method_table
+
+    authors = {r["method"]: r["authors"] for r in method_table()}
+    lines = [
+        "<!-- BEGIN METHODS: generated by `python -m helper.recipes scripts --write` from helper/published/"
+        "methods.csv, recipes.csv and the method files -->",
+        "| `--distill` | name | paper | default `-r / -a / -b` | init stage | its recipe cites | recipes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in sorted(method_names(), key=method_rank):
+        cls = get_method(name)
+        labels = [m for m in methods() if flags(m)[flags(m).index("--distill") + 1] == name]
+        repos = dict.fromkeys(r.repo for r in load() if r.method == name and not r.repo.startswith("arXiv:"))
+        paper = ", ".join(filter(None, (authors.get(name, ""), " ".join(cls.paper.split()))))
+        lines.append(
+            f"| `{name}` | {METHOD_LABELS.get(name, name)} | {paper} | {_weights_text(cls.defaults)} | "
+            f"{'yes' if cls.init_stage else ''} | {', '.join(repos) or '–'} | "
+            f"{', '.join(f'`{m}`' for m in labels) or '–'} |"
+        )
+    return "\n".join([*lines, "<!-- END METHODS -->"])
+
+
+def models_block() -> str:
+    """``run_cifar_vanilla.sh``'s models: RepDistiller's teachers and the students of its pairs
+    (``helper.published``), each trained alone."""
+    from helper.published import PAIRS, TEACHERS
+
+    return "\n".join([
+        "# BEGIN MODELS: generated by `python -m helper.recipes scripts --write` from helper/published.py (TEACHERS,",
+        "# PAIRS: RepDistiller's fetch_pretrained_teachers.sh and README tables); edit that, not these lines.",
+        f"TEACHER_MODELS=({' '.join(TEACHERS)})",
+        f"STUDENT_MODELS=({' '.join(dict.fromkeys(s for _, s in PAIRS))})",
+        "# END MODELS",
+    ])  # fmt: skip
+
+
 # Files with a block made from the table: path -> (begin marker, end marker, the block).
 def generated_files() -> dict[str, tuple[str, str, str]]:
     out = {rel: (BEGIN, END, script_block(script)) for script, rel in SCRIPTS.items()}
     out["helper/published/newer_recipes.md"] = ("<!-- BEGIN RECIPES", "<!-- END RECIPES -->", docs_block("newer"))
+    out["README.md"] = ("<!-- BEGIN METHODS", "<!-- END METHODS -->", readme_block())
+    out["scripts/run_cifar_vanilla.sh"] = ("# BEGIN MODELS", "# END MODELS", models_block())
     return out
 
 
@@ -401,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     diff = sub.add_parser("diff", help="how a run folder's args.json differs from its published recipe")
     diff.add_argument("folder")
     sub.add_parser("list", help="every recipe and its script")
-    scripts = sub.add_parser("scripts", help="regenerate (--write) or compare (--check) the run scripts")
+    scripts = sub.add_parser("scripts", help="compare the generated blocks (scripts, README) with the tables; --write")
     scripts.add_argument("--write", action="store_true")
     opts = p.parse_args(argv)
     try:
@@ -410,7 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if opts.cmd == "diff":
             return _diff(opts)
         if opts.cmd == "list":
-            print("\n".join(f"{m}\t{setting(m, '@script')}\t{shlex.join(flags(m))}" for m in methods()))
+            for m in methods():
+                print(f"{m}\t{setting(m, '@script')}{' (optional)' if optional(m) else ''}\t{shlex.join(flags(m))}")
             return 0
         stale = sync_scripts(opts.write)
         print(("rewritten: " if opts.write else "out of date: ") + " ".join(stale) if stale else "up to date")

@@ -117,9 +117,10 @@ def _non_default(args: dict[str, Any], defaults: dict[str, Any], keys: Iterable[
 
 
 def _default_lr(arch: str) -> float:
-    from helper.options import DEFAULT_LR, SMALL_LR, SMALL_LR_MODELS
+    """The learning rate the tools give ``arch`` when none is passed (RepDistiller's, per model)."""
+    from helper.options import effective_lr
 
-    return SMALL_LR if arch in SMALL_LR_MODELS else DEFAULT_LR
+    return effective_lr(argparse.Namespace(learning_rate=None), arch)
 
 
 def _fmt_value(value: Any) -> str:
@@ -174,12 +175,28 @@ def modifiers() -> dict[str, str]:
     return {flag: suffix for flag, suffix in SWITCHES.items() if flag not in PROTOCOL_STUDENT_FLAGS}
 
 
+def added_names(args: dict[str, Any] | None) -> list[str]:
+    """The methods a run added with ``--add`` (``["itrd:1.0", "nd:2,pkt"]`` -> ``["itrd", "nd", "pkt"]``)."""
+    specs = (args or {}).get("add") or []
+    return [item.partition(":")[0].strip() for spec in specs for item in spec.split(",") if item.strip()]
+
+
+def _table_suffix(added: str) -> str:
+    try:
+        from distiller_zoo import get_method
+
+        return get_method(added).table_suffix or f"+{added}"
+    except ValueError:
+        return f"+{added}"  # a method this checkout does not register
+
+
 def table_method(method: str, alpha: float, args: dict[str, Any] | None = None) -> str:
     """The name of a run in the tables.
 
     RepDistiller's naming: a feature method trained with the KD term as well (``-a`` > 0) is
     ``<method>+kd`` (CRD+KD is ``--distill crd -a 1 -b 0.8``). Logit modifiers append theirs:
-    ``--distill kd --logit_stand`` is ``kd+ls``, ``--distill dkd --logit_stand`` is ``dkd+ls``.
+    ``--distill kd --logit_stand`` is ``kd+ls``, ``--distill dkd --logit_stand`` is ``dkd+ls``. Added methods
+    append theirs: ``--distill wttm --add itrd`` is ``wttm+itrd``, ``--distill dkd --add nd:4`` is ``dkd++``.
     """
     name = method
     if alpha > 0 and method != "kd":
@@ -191,6 +208,8 @@ def table_method(method: str, alpha: float, args: dict[str, Any] | None = None) 
             own_kd = False  # a method this checkout does not register: name it by the rule above
         if not own_kd:
             name = f"{method}+kd"
+    for added in added_names(args):  # --add: wttm with itrd is wttm+itrd; ND names dkd with it dkd++
+        name += _table_suffix(added)
     for flag, suffix in modifiers().items():
         if (args or {}).get(flag):
             name = f"{name}+{suffix}"

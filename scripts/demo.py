@@ -32,9 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as `python scripts/demo.py`
+
+from helper import recipes  # noqa: E402
+
 # RepDistiller decays the LR after epochs 150, 180, 210 of 240; the short schedule decays at the same fractions.
-DECAY_FRACTIONS = (150 / 240, 180 / 240, 210 / 240)
-DKD_WARMUP_FRACTION = 20 / 240  # mdistiller's CFG.DKD.WARMUP: 20 of its 240 epochs
+DECAY_FRACTIONS = tuple(n / d for n, d in recipes.schedule()[1])
+# The published pair whose recipe (helper/published/recipes.csv) each method runs: RepDistiller's smallest ResNet
+# pair, the closest to the demo's resnet20 -> resnet8 (DKD's beta 2 is mdistiller's for it).
+RECIPE_PAIR = ("resnet56", "resnet20")
 MIN_GAP = 1.5  # points of top-1 a method must gain over vanilla (in the mean over seeds) to count as a win
 
 
@@ -46,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--epochs", type=int, default=5, help="epochs per run (default 5)")
     add("--train_size", type=int, default=4000, help="class-balanced training images (default 4000)")
     add("--batch_size", type=int, default=32, help="training batch (default 32; RepDistiller: 64)")
-    add("--methods", default="kd dkd crd", help="methods besides vanilla (default: 'kd dkd crd')")
+    add("--methods", default="kd dkd crd", help="recipes (helper/published/recipes.csv) besides vanilla, each with its "
+        f"weights on {':'.join(RECIPE_PAIR)} (default: 'kd dkd crd')")  # fmt: skip
     add("--seeds", default="0 1", help="seeds of every method (default: '0 1'); each seed also picks the subset")
     add("--jobs", type=int, default=2, help="runs at a time, each with cores/jobs threads (default 2)")
     add("--out", type=Path, default=ROOT / "demo_out", help="output folder (default demo_out/)")
@@ -55,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.seed_list = [int(s) for s in args.seeds.split()]
     if len(args.seed_list) < 2 or args.jobs < 1 or args.epochs < 1 or args.train_size < 100:
         parser.error("need at least 2 seeds, --jobs >= 1, --epochs >= 1 and --train_size >= 100")
+    unknown = [m for m in args.methods.split() if m not in recipes.methods() or recipes.skipped(m, *RECIPE_PAIR)]
+    if unknown:
+        parser.error(f"--methods: no recipe {' '.join(unknown)} on {':'.join(RECIPE_PAIR)}; valid: "
+                     f"{' '.join(m for m in recipes.methods() if not recipes.skipped(m, *RECIPE_PAIR))}")  # fmt: skip
     return args
 
 
@@ -64,29 +76,35 @@ def decay_epochs(epochs: int) -> str:
     return ",".join(map(str, points)) or str(epochs)
 
 
+def _own_flags(distill: str) -> set[str]:
+    """The argument names that a method's own ``add_arguments`` defines."""
+    from distiller_zoo import get_method
+
+    parser = argparse.ArgumentParser(add_help=False)
+    get_method(distill).add_arguments(parser)
+    return {a.dest for a in parser._actions}
+
+
 def method_flags(method: str, epochs: int, train_size: int) -> list[str]:
-    """Published weights: RepDistiller's scripts/run_cifar_distill.sh (kd, crd, ...), mdistiller's for DKD."""
-    dkd_warmup = epochs * DKD_WARMUP_FRACTION
-    flags = {
-        "kd": ["-r", "0.1", "-a", "0.9", "-b", "0"],
-        # mdistiller's beta for its smallest ResNet pair (configs/cifar100/dkd/res56_res20.yaml, commit e8c5bb3:
-        # BETA 2.0); its 20 warm-up epochs of 240 scaled to the short schedule (under one epoch: no ramp).
-        "dkd": ["-r", "1", "-a", "0", "-b", "1", "--dkd_beta", "2", "--dkd_warmup", f"{dkd_warmup:.3g}"],
-        "crd": ["-a", "0", "-b", "0.8"],
-        "crd+kd": ["-a", "1", "-b", "0.8"],
-        "hint": ["-a", "0", "-b", "100"],
-        "attention": ["-a", "0", "-b", "1000"],
-        "similarity": ["-a", "0", "-b", "3000"],
-        "pkt": ["-a", "0", "-b", "30000"],
-    }[method]
-    distill = "crd" if method == "crd+kd" else method
-    if distill == "crd":
+    """The method's published recipe on ``RECIPE_PAIR`` (``helper.recipes``: RepDistiller's weights for kd, crd,
+    ..., mdistiller's for DKD), without its epochs (the demo's schedule is its own); the method's warm-up epochs
+    (DKD's 20 of 240) scaled to the short schedule (under one epoch: no ramp)."""
+    from distiller_zoo.DKD import warmup_epochs
+
+    argv = recipes.flags(method, *RECIPE_PAIR)
+    if "--epochs" in argv:
+        del argv[argv.index("--epochs") : argv.index("--epochs") + 2]
+    args = recipes.parse(method, *RECIPE_PAIR)
+    for dest in sorted(d for d in _own_flags(args.distill) if d.endswith("_warmup")):
+        warmup = warmup_epochs(args) if dest == "dkd_warmup" else getattr(args, dest)
+        argv += [f"--{dest}", f"{warmup * epochs / recipes.schedule()[0]:.3g}"]
+    if args.distill == "crd":
         # RepDistiller's 16384 negatives need more images than a subset has (they are drawn from the other
         # classes' images): the largest power of two up to 4096 (its dataset default) that the subset holds.
         negatives = train_size - train_size // 100
         nce_k = 1 << (min(4096, negatives).bit_length() - 1)
-        flags += ["--nce_k", str(nce_k)]
-    return ["--distill", distill, *flags]
+        argv += ["--nce_k", str(nce_k)]
+    return argv
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -95,7 +113,7 @@ def method_flags(method: str, epochs: int, train_size: int) -> list[str]:
 
 @dataclass
 class Job:
-    method: str  # "vanilla" or a method_flags name
+    method: str  # "vanilla" or a recipe name (helper/published/recipes.csv)
     seed: int
     cmd: list[str]
     folder: Path  # the run folder (--run_name under the save dir)

@@ -37,16 +37,6 @@ read -r -a EXTRA_ARGS <<<"${EXTRA:-}"
 JOB_NAMES=()
 JOB_CMDS=()
 
-# RepDistiller's 13 teacher:student pairs (its README tables = CRD paper Table 1, same family; Table 2, across
-# families), shared by the distillation scripts.
-# shellcheck disable=SC2034
-SAME_FAMILY_PAIRS="wrn_40_2:wrn_16_2 wrn_40_2:wrn_40_1 resnet56:resnet20 resnet110:resnet20 resnet110:resnet32"
-SAME_FAMILY_PAIRS+=" resnet32x4:resnet8x4 vgg13:vgg8"
-CROSS_FAMILY_PAIRS="vgg13:MobileNetV2 ResNet50:MobileNetV2 ResNet50:vgg8 resnet32x4:ShuffleV1 resnet32x4:ShuffleV2"
-CROSS_FAMILY_PAIRS+=" wrn_40_2:ShuffleV1"
-# shellcheck disable=SC2034
-PUBLISHED_PAIRS="$SAME_FAMILY_PAIRS $CROSS_FAMILY_PAIRS"
-
 # --help of a script: its header comment, then the shared options below.
 queue_usage() {
     awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
@@ -225,7 +215,7 @@ queue_run() {
 # arguments), --pairs "t:s ...". A pair without its own RECIPE line uses the method's "*" line; "skip": none.
 # EPOCHS scales each recipe's epochs (MLKD's 960 to 4 x EPOCHS) and moves the decay epochs to 5/8, 3/4, 7/8.
 queue_recipes_main() {
-    PAIRS="${PAIRS:-$PUBLISHED_PAIRS}" METHODS="${METHODS:-}" TRIALS="${TRIALS:-1}"
+    PAIRS="${PAIRS:-$RECIPE_PAIRS}" METHODS="${METHODS:-}" TRIALS="${TRIALS:-1}"
     TEACHER_DIR="${TEACHER_DIR:-./save/models}"
     TEACHER_TEMPLATE="${TEACHER_TEMPLATE:-$TEACHER_DIR/{arch\}_vanilla/ckpt_epoch_240.pth}"
     while (($#)); do
@@ -253,7 +243,9 @@ queue_recipes_main() {
     done
     SELECTED=()
     for name in "${RECIPE_METHODS[@]}"; do
-        if [[ -z "${METHODS// /}" || " $METHODS " == *" $name "* ]]; then SELECTED+=("$name"); fi
+        if [[ -z "${METHODS// /}" && " ${RECIPE_OPTIONAL[*]} " != *" $name "* || " $METHODS " == *" $name "* ]]; then
+            SELECTED+=("$name")
+        fi
     done
     read -r -a pairs <<<"$PAIRS"
     read -r -a trials <<<"$TRIALS"
@@ -279,20 +271,20 @@ _queue_recipe() {
     if [[ "$spec" == skip ]]; then SKIPPED[$name]=$((${SKIPPED[$name]:-0} + 1)) && return 0; fi
     local -a flags
     read -r -a flags <<<"$spec"
-    if [[ -n "$EPOCHS" && "$EPOCHS" != 240 ]]; then
+    if [[ -n "$EPOCHS" && "$EPOCHS" != "$RECIPE_STANDARD_EPOCHS" ]]; then
         local found=0
         for i in "${!flags[@]}"; do
             if [[ "${flags[i]}" == --epochs ]]; then
-                flags[i + 1]=$(((e = flags[i + 1] * EPOCHS / 240) > 0 ? e : 1)) found=1
+                flags[i + 1]=$(((e = flags[i + 1] * EPOCHS / RECIPE_STANDARD_EPOCHS) > 0 ? e : 1)) found=1
             fi
         done
         if ((!found)); then flags+=(--epochs "$EPOCHS"); fi
         local decay=() frac num den
-        for frac in "5 8" "3 4" "7 8"; do
+        for frac in "${RECIPE_DECAY_FRACTIONS[@]}"; do
             read -r num den <<<"$frac"
             decay+=($(((e = EPOCHS * num / den) > 0 ? e : 1)))
         done
-        flags+=(--lr_decay_epochs "${decay[0]},${decay[1]},${decay[2]}")
+        flags+=(--lr_decay_epochs "$(IFS=, && echo "${decay[*]}")")
     fi
     queue_add "S-${pair#*:}_T-${pair%%:*}_${name}_${trial}${EPOCHS:+_ep$EPOCHS}" \
         "$PYTHON" train_student.py --path_t "$TEACHER_PATH" --model_s "${pair#*:}" "${flags[@]}" \

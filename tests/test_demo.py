@@ -14,6 +14,7 @@ import pytest
 import torch
 from shared_paths import DATA, ROOT
 
+from helper import recipes
 from models import create_model
 
 spec = importlib.util.spec_from_file_location("demo", ROOT / "scripts" / "demo.py")
@@ -93,6 +94,27 @@ def test_runs_every_method_and_seed_once_and_evaluates_the_teacher_once(tmp_path
     dkd = dict(zip(jobs[2].cmd, jobs[2].cmd[1:]))
     assert dkd["--dkd_warmup"] == "0.5"  # mdistiller's 20 of 240 epochs, scaled to 6
     assert dict(zip(jobs[4].cmd, jobs[4].cmd[1:]))["--nce_k"] == "4096"  # 4950 negatives per class
+
+
+def test_method_flags_are_the_tables_recipes():
+    """The demo runs each method's recipe on resnet56 -> resnet20 from helper/published/recipes.csv; only the
+    warm-up (scaled) and CRD's negatives (the subset's size) are the demo's."""
+    pair = demo.RECIPE_PAIR
+    for method in ("kd", "hint", "attention", "similarity", "pkt"):
+        assert demo.method_flags(method, 6, 5000) == recipes.flags(method, *pair)
+    assert demo.method_flags("crd+kd", 6, 5000) == [*recipes.flags("crd+kd", *pair), "--nce_k", "4096"]
+    assert demo.method_flags("crd", 6, 300) == [*recipes.flags("crd", *pair), "--nce_k", "256"]  # 297 negatives
+    dkd = demo.method_flags("dkd", 240, 5000)
+    assert dkd == [*recipes.flags("dkd", *pair), "--dkd_warmup", "20"] and "--dkd_beta" in dkd  # mdistiller's 2
+    assert demo.method_flags("rld", 12, 5000)[-2:] == ["--rld_warmup", "1"]  # RLD's 20 of 240
+    mlkd = demo.method_flags("mlkd", 6, 5000)
+    assert "--epochs" not in mlkd and "--two_views" in mlkd  # the demo's schedule, the recipe's protocol
+
+
+def test_unknown_method_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit):
+        args_for(tmp_path, "--methods", "kd nope")
+    assert "no recipe nope on resnet56:resnet20" in capsys.readouterr().err
 
 
 def test_decay_points_scale_repdistillers():

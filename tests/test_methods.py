@@ -46,6 +46,9 @@ EXPECTED_REFUSALS = {
 # WKD-L: its class cost from the teacher's classifier (cheap); the CKA cost over the training images (about 30 s
 # to minutes per pair on a CPU) has its own tests in test_sdd_wkd_dot.py.
 METHOD_ARGS = {"crld": {"crld_tau_w": 0.0, "crld_tau_s": 0.0}, "wkd_l": {"wkd_cost": "fc"}}
+# ND: random positive class centers instead of its teacher pass over the training images (5-50 s per pair on a
+# CPU), which tests/test_nd.py checks against a hand computation.
+PREPARED = {"nd": lambda method, t_shapes: method.set_centers(torch.rand(100, t_shapes[-1][0]) + 0.1)}
 
 REPDISTILLER_METHODS = {
     "kd", "hint", "attention", "similarity", "correlation", "vid", "rkd", "pkt",
@@ -183,7 +186,9 @@ def test_method_on_pair(name, teacher_name, student_name, zoo, shapes, batch, te
     if type(method).bind_student is not Distiller.bind_student:  # SDD: hooks on both networks
         method.bind_student(student)
         out_t = teacher_forward(teacher, batch.input, cls.preact)  # a fresh forward, seen by the hook
-    if cls.needs_train_pass:  # WKD-L: the teacher over the (here: random, one per class) training images
+    if name in PREPARED:
+        PREPARED[name](method, t_shapes)
+    elif cls.needs_train_pass:  # WKD-L: the teacher over the (here: random, one per class) training images
         method.prepare(teacher, DeviceLoader(TRAIN_IMAGES, torch.arange(100), 50, "cpu", train=False), tmp_path)
     if cls.init_stage:
         method.set_stage("init")

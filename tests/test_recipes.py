@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from distiller_zoo import get_method
-from helper import published, recipes
+from distiller_zoo import get_method, method_names
+from helper import published, recipes, report
 
 ROOT = Path(__file__).resolve().parents[1]
 SWITCHES = ("--logit_stand", "--ctkd", "--two_views")
@@ -56,6 +56,24 @@ def test_scripts_are_the_table():
     assert recipes.sync_scripts(write=False) == []
     text = (ROOT / "scripts" / "run_cifar_newer.sh").read_text()
     assert recipes.render("scripts/run_cifar_newer.sh", text.replace("--dkd_beta 2", "--dkd_beta 3")) == text
+    vanilla = (ROOT / "scripts" / "run_cifar_vanilla.sh").read_text()
+    assert recipes.render("scripts/run_cifar_vanilla.sh", vanilla.replace(" vgg8 ", " vgg11 ")) == vanilla
+    assert f"TEACHER_MODELS=({' '.join(published.TEACHERS)})" in vanilla
+
+
+def test_schedule_is_train_students_defaults():
+    """240 epochs and decays at 150/180/210 are written once, as train_student.py's defaults."""
+    assert recipes.schedule() == (240, ((5, 8), (3, 4), (7, 8)))
+    assert recipes.decay_epochs(24) == "15,18,21" and recipes.decay_epochs(240) == "150,180,210"
+    assert recipes.scaled_epochs(960, 24) == 96 and recipes.scaled_epochs(480, None) == 480
+    assert recipes.schedule()[0] == report.STANDARD_EPOCHS  # the report's "standard protocol"
+
+
+def test_readmes_example_command_is_the_crd_recipe():
+    """README's first example (RepDistiller's own command) carries the table's CRD weights."""
+    text = (ROOT / "README.md").read_text()
+    example = re.search(r"--distill crd --model_s resnet8x4 (.*) --trial 1", text)
+    assert example and example.group(1).split() == recipes.flags("crd")[2:]
 
 
 def _dry_run(script: str, **env: str) -> list[list[str]]:
@@ -76,7 +94,7 @@ def test_dry_run_prints_the_tables_commands(script: str, env: dict[str, str]):
         recipes.command(m, t, s, trial, epochs=epochs, extra=extra)
         for trial in trials
         for t, s in published.PAIRS
-        for m in recipes.methods(script)
+        for m in recipes.default_methods(script)
         if not recipes.skipped(m, t, s)
     ]
     assert _dry_run(recipes.SCRIPTS[script], **env) == expected
@@ -98,6 +116,23 @@ def test_methods_defaults_are_their_plain_recipes():
         assert {k: defaults[k] for k in _weights(argv)} == _weights(argv), label
         checked.append(label)
     assert {"kd", "crd", "dkd", "reviewkd", "ofd", "simkd", "wttm", "mlkd-std"} <= set(checked)
+
+
+def test_plain_recipes_parameters_are_the_flags_defaults():
+    """A method parameter that a method's own recipe sets on every pair (``*``) equals its flag's default in the
+    method file (LumiNet's alpha 31, WTTM's l 0.2, ITRD's README values): the two writings cannot drift."""
+    parser = recipes._student_parser()
+    checked = 0
+    for label in recipes.methods():
+        argv = recipes.flags(label)
+        if label != argv[argv.index("--distill") + 1]:
+            continue  # a variant or a combination: its values may differ from the defaults on purpose
+        for row in recipes.rows(label):
+            if row.flag.startswith("--") and row.flag != "--distill" and row.value:
+                default = parser.get_default(row.flag[2:])
+                assert float(row.value) == float(default), (label, row.flag, row.value, default)
+                checked += 1
+    assert checked >= 6
 
 
 # The issue's corrections, read from the official files (cited in the table).
@@ -153,12 +188,56 @@ def test_command_line(capsys: pytest.CaptureFixture[str], tmp_path: Path):
     assert "--ttm_l: recipe 0.1, run 0.3" in capsys.readouterr().out
 
 
-def test_readme_method_table_shows_the_defaults():
-    """README's method table: each method's first ``-r / -a / -b`` triple is its ``defaults`` (which the test
-    above checks against the table)."""
+def test_readme_method_table_is_generated_from_the_tables():
+    """README's method table is the generated block: one row per registered method with its label from
+    methods.csv and its ``defaults``; a changed label is a stale README."""
     text = (ROOT / "README.md").read_text()
-    rows = re.findall(r"^\| `([a-z0-9_+-]+)` \| [^|]+ \| ([0-9.e-]+) / ([0-9.e-]+) / ([0-9.e-]+)", text, re.M)
-    assert len(rows) >= 20
-    for name, *weights in rows:
+    assert recipes.render("README.md", text) == text
+    weights = r"([0-9.e-]+) / ([0-9.e-]+) / ([0-9.e-]+)"
+    rows = re.findall(rf"^\| `([a-z0-9_+-]+)` \| ([^|]+) \| [^|]+ \| {weights} \|", text, re.M)
+    assert sorted(name for name, *_ in rows) == sorted(method_names())
+    for name, label, *weights in rows:
         d = get_method(name).defaults
+        assert label.strip() == published.METHOD_LABELS[name]
         assert [float(w) for w in weights] == [d["gamma"], d["alpha"], d["beta"]], name
+    assert "| `wkd_l` | WKD-L |" in text and "`wkd_l`, `wkd_l+wkdf` |" in text
+    stale = text.replace("| `kd` | KD |", "| `kd` | Knowledge distillation |")
+    assert stale != text and recipes.render("README.md", stale) == text
+
+
+def test_every_method_name_has_one_label():
+    """methods.csv labels every registered method, every recipe and every method of the published tables,
+    each once; the report's order is its order."""
+    names = [r["method"] for r in published.method_table()]
+    assert len(names) == len(set(names))
+    wanted = {*method_names(), *recipes.methods(), *(row.method for row in published.load_all())}
+    assert wanted <= set(names), wanted - set(names)
+    assert published.method_label("crd+kd") == "CRD+KD" and published.method_label("nope") == "nope"
+    assert published.method_rank("kd") < published.method_rank("crd") < published.method_rank("dkd")
+
+
+def test_wkd_l_f_is_the_official_combined_config():
+    """JiamingLv/WKD configs/cifar100/wkd_lf: WKD-L (weight, T) and WKD-F (weight, ratio, grid) in one run."""
+    argv = recipes.flags("wkd_l+wkdf", "resnet32x4", "resnet8x4")
+    assert {f: argv[argv.index(f) + 1] for f in ("--distill", "--wkd_weight", "--add", "--wkdf_ratio")} == {
+        "--distill": "wkd_l", "--wkd_weight": "200", "--add": "wkdf:0.08", "--wkdf_ratio": "8",
+    }  # fmt: skip
+    assert "--wkd_T" not in argv  # T 8: the --wkd_T default
+    args = recipes.parse("wkd_l+wkdf", "wrn_40_2", "ShuffleV1")
+    assert (args.wkd_weight, args.wkd_T, args.add, args.wkdf_ratio, args.wkdf_grid) == (60, 4, ["wkdf:0.5"], 3, 4)
+    assert recipes.match(vars(args), "wrn_40_2", "ShuffleV1") == ("wkd_l+wkdf", [])  # the report's n/c
+    plain = vars(recipes.parse("wkd_l", "wrn_40_2", "ShuffleV1"))
+    assert recipes.match(plain, "wrn_40_2", "ShuffleV1") == ("wkd_l", [])
+
+
+def test_optional_variant_runs_only_when_named():
+    """MLKD's first-commit schedule (480 epochs on every pair) is a labelled, optional recipe."""
+    assert recipes.optional("mlkd-480ep") and "mlkd-480ep" not in recipes.default_methods("newer")
+    args = recipes.parse("mlkd-480ep", "resnet56", "resnet20")
+    assert (args.epochs, args.learning_rate, args.two_views, args.trial) == (480, 0.025, True, "v1_1")
+    assert recipes.parse("mlkd-480ep", "vgg13", "MobileNetV2").learning_rate == 0.0025
+    first = vars(recipes.parse("mlkd-480ep", "resnet32x4", "ShuffleV1"))
+    assert recipes.match(first, "resnet32x4", "ShuffleV1") == ("mlkd-480ep", [])
+    assert recipes.match({**first, "epochs": 960}, "resnet32x4", "ShuffleV1") == ("mlkd", [])
+    named = _dry_run("scripts/run_cifar_newer.sh", METHODS="mlkd mlkd-480ep", PAIRS="resnet32x4:ShuffleV1")
+    assert named == [recipes.command(m, "resnet32x4", "ShuffleV1") for m in ("mlkd", "mlkd-480ep")]

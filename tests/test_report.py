@@ -137,6 +137,24 @@ def test_crd_with_kd_term_is_crd_plus_kd(runs: Path):
     assert report.table_method("kd", 0.9, {"logit_stand": True}) == "kd+ls"
     assert report.table_method("dkd", 0.0, {"logit_stand": True, "ctkd": False}) == "dkd+ls"
     assert report.table_method("kd", 0.9, {"ctkd": True}) == "kd+ctkd"
+    # methods added with --add follow the --distill method, as the published tables name the combinations
+    assert report.table_method("wttm", 0.0, {"add": ["itrd:1"]}) == "wttm+itrd"
+    assert report.table_method("wkd_l", 0.0, {"add": ["wkdf:0.08"]}) == "wkd_l+wkdf"
+    assert report.table_method("crd", 0.0, {"add": ["pkt,rkd:2"]}) == "crd+pkt+rkd"
+
+
+def test_combined_recipe_is_its_published_row(tmp_path: Path):
+    """A WKD-L+WKD-F run (the table's recipe on resnet32x4 -> resnet8x4) is labelled from methods.csv, looked up
+    in the WKD README's row, and compared: its flags are the recipe's."""
+    from helper import recipes
+
+    wkd = dict(model_s="resnet8x4", model_t="resnet32x4", distill="wkd_l", weights=(1.0, 0.0, 1.0))
+    argv = recipes.flags("wkd_l+wkdf", "resnet32x4", "resnet8x4")
+    flags = tuple(argv[argv.index("-b") + 2 :])  # the flags after the weights: --wkd_weight 200 --add ...
+    make_run(tmp_path, "wkd_lf", test_acc=77.0, flags=flags, **wkd)
+    (group,) = report.group_runs(report.find_runs([tmp_path]))
+    assert group.method == "wkd_l+wkdf" and group.label.startswith("WKD-L+WKD-F (")
+    assert group.published.acc == 77.28 and group.recipe_diff == [] and group.comparable
 
 
 def test_best_epoch_tables_are_compared_with_our_best_epoch(tmp_path: Path):
@@ -207,6 +225,16 @@ def test_published_tables_are_complete():
     simkd = next(r for r in newer if r.method == "simkd")
     assert "extra deployed params" in simkd.protocol
     assert all(r.source and r.protocol for r in newer)
+
+
+def test_rld_numbers_are_marked_third_party_and_crld_has_none():
+    # No primary source for RLD's table was readable (the RLD README has none); every row says so.
+    rld = {(r.teacher, r.student): r for r in published.load(published.TABLES[1]) if r.method == "rld"}
+    assert len(rld) == 10 and set(rld) <= set(published.PAIRS)
+    assert rld[("resnet32x4", "resnet8x4")].acc == 76.64 and rld[("ResNet50", "MobileNetV2")].acc == 70.76
+    assert all("3rd-party" in r.source and "mean of 3 runs" in r.protocol for r in rld.values())
+    # CRLD's paper numbers were found in no readable source (official repo not stored): no row, no comparison.
+    assert all(published.lookup(t, s, "crld") is None for t, s in published.PAIRS)
 
 
 def test_method_flags_name_the_method_but_keep_the_protocol(tmp_path: Path):
