@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import TextIO
 
 
 class _EarlyRecords(logging.Handler):
@@ -21,12 +22,25 @@ class _EarlyRecords(logging.Handler):
             self.records.append(record)
 
 
+class _Stderr(logging.StreamHandler):
+    """Console lines to the ``sys.stderr`` of the moment they are written: a caller that replaces it after
+    the first run of the process (an in-process second run, a test's capture) still gets them."""
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass  # StreamHandler.__init__ sets it; the property above always answers
+
+
 def setup_logging(folder: Path | None = None) -> None:
     """Console lines (and ``run.log`` in the run folder, from the first line of the process on) through
     :mod:`logging`."""
     root = logging.getLogger()
     if not any(getattr(h, "_kd", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         handler._kd = True  # type: ignore[attr-defined]
         root.addHandler(handler)

@@ -19,7 +19,7 @@ from test_cli import SMALL, only_folder, repdistiller_teacher, run  # noqa: F401
 import distiller_zoo.ND as nd_module
 from dataset import DeviceLoader
 from dataset.batch import Batch
-from distiller_zoo import PairError, get_method
+from distiller_zoo import DistillKL, PairError, get_method
 from distiller_zoo.base import default_args
 from distiller_zoo.combine import AddedMethods, parse_added
 from distiller_zoo.ND import class_means, embedding_projector, nd_loss
@@ -206,7 +206,7 @@ def test_kd_plus_nd_through_the_objective(tmp_path) -> None:
     added.prepare(teacher, DeviceLoader(images, torch.arange(100), 50, "cpu", train=False), tmp_path)
     kd = get_method("kd")(s_shapes, t_shapes, args, 8)
     batch = Batch(torch.randn(4, 3, 32, 32), torch.tensor([3, 1, 4, 1]), torch.arange(4))
-    terms, _ = DistillObjective(student, teacher, kd, 1.0, 1.0, 0.0, 4.0, added)(batch)
+    terms, _ = DistillObjective(student, teacher, kd, 1.0, 1.0, 0.0, DistillKL(4.0), added)(batch)
     assert set(terms) == {"ce", "kd", "nd"} and terms["nd"][0] == 2.0
     with torch.no_grad():
         out_s, out_t = student(batch.input, is_feat=True), teacher(batch.input, is_feat=True)
