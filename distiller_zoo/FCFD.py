@@ -153,7 +153,7 @@ class FCFDDistiller(Distiller):
         group.add_argument("--fcfd_kl_weight", type=float, default=1.0, help="FCFD: weight of mixed paths' KL (1)")
         group.add_argument("--fcfd_warmup", type=float, default=20, help="FCFD: epochs of the L2 warm-up (20)")
         group.add_argument("--fcfd_teacher_bn", default="batch", choices=["batch", "running"],
-                           help="FCFD: BN statistics of the teacher's stages on bridged maps (official: batch)")  # fmt: skip
+                           help="FCFD: BN statistics of the teacher on bridged maps (official: batch)")  # fmt: skip
 
     def bind_teacher(self, teacher: nn.Module) -> None:
         self._bind("teacher", teacher)  # called before the engine folds its copy's BatchNorms: these stay
