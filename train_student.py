@@ -74,9 +74,11 @@ def build(args: argparse.Namespace) -> Run:
     s_shapes = feature_shapes(student, preact=method.preact)
     t_shapes = feature_shapes(teacher, preact=method.preact)
     method.check_pair(s_shapes, t_shapes, args)
+    method.check_models(student, teacher, args)
     added_spec = parse_added(args.add, args.distill)  # --add: [(method, weight)], checked by the validation
     for name, _ in added_spec:  # before the data is built, as for --distill
         get_method(name).check_pair(s_shapes, t_shapes, args)
+        get_method(name).check_models(student, teacher, args)
     contrast = method.needs_contrast or any(get_method(name).needs_contrast for name, _ in added_spec)
     data = build_data(args, device, seed, contrast=contrast)
     log_fast_path(args)

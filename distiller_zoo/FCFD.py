@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -81,10 +82,16 @@ def fcfd_l2(maps: Sequence[torch.Tensor], target: torch.Tensor, last: bool) -> t
     return loss
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The zoo model under DDP (``.module``) or ``torch.compile`` (``._orig_mod``) wrappers."""
+def _rest_of_network(side: str, model: nn.Module) -> nn.Module:
+    """The zoo model under DDP (``.module``) or ``torch.compile`` (``._orig_mod``) wrappers; :class:`PairError`
+    when it cannot run the rest of the network from a stage (``forward_from``)."""
     while isinstance(getattr(model, "module", None), nn.Module) or hasattr(model, "_orig_mod"):
         model = model.module if isinstance(getattr(model, "module", None), nn.Module) else model._orig_mod
+    if not callable(getattr(model, "forward_from", None)):
+        raise PairError(
+            f"fcfd: the {side} ({type(model).__name__}) has no forward_from, the rest of the network from a stage; "
+            "FCFD serves the CIFAR ResNets (resnet8-resnet110, resnet8x4, resnet32x4)"
+        )
     return model
 
 
@@ -155,17 +162,22 @@ class FCFDDistiller(Distiller):
         group.add_argument("--fcfd_teacher_bn", default="batch", choices=["batch", "running"],
                            help="FCFD: BN statistics of the teacher on bridged maps (official: batch)")  # fmt: skip
 
+    @classmethod
+    def check_models(cls, student: nn.Module, teacher: nn.Module, args: Any) -> None:
+        for side, model in (("student", student), ("teacher", teacher)):
+            _rest_of_network(side, model)
+
     def bind_teacher(self, teacher: nn.Module) -> None:
-        self._bind("teacher", teacher)  # called before the engine folds its copy's BatchNorms: these stay
+        """Keep a frozen copy (called before the engine folds the teacher's BatchNorms: the copy keeps them; its
+        BN modes change for mixed paths without touching the engine's teacher). Not a submodule: not saved."""
+        copied = copy.deepcopy(_rest_of_network("teacher", teacher)).requires_grad_(False).eval()
+        self._bind("teacher", copied)
 
     def bind_student(self, student: nn.Module) -> None:
         self._bind("student", student)
 
     def _bind(self, side: str, model: nn.Module) -> None:
-        model = _unwrap(model)
-        if not callable(getattr(model, "forward_from", None)):
-            raise PairError(f"fcfd: the {side} {type(model).__name__} has no forward_from (the rest of the network "
-                            "from a stage); FCFD serves the CIFAR ResNets")  # fmt: skip
+        model = _rest_of_network(side, model)
         bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._nets[side] = (model, bns)
 
@@ -205,7 +217,7 @@ class FCFDDistiller(Distiller):
             raise RuntimeError("fcfd: call bind_teacher(teacher) and bind_student(student) before training")
         model, bns = self._nets[side]
         if side == "teacher" and next(model.parameters()).device != x.device:
-            model.to(x.device)  # the unfolded teacher bound before the engine moved its folded copy
+            model.to(x.device)  # bound before the engine moved the teacher to the device
         running = side == "teacher" and self.teacher_bn == "running"
         if running and model.training:
             model.eval()
