@@ -82,6 +82,7 @@ METHOD_LABELS = {
     "wttm+itrd": "WTTM+ITRD",
     "catkd": "CAT-KD",
     "wkdf": "WKD-F",
+    "fcfd": "FCFD",
     "kd++": "KD++",
     "dist++": "DIST++",
     "dkd++": "DKD++",
