@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -101,7 +102,7 @@ class FCFDDistiller(Distiller):
 
     Per step: the appearance L2 of every stage (the bridged student map against the teacher's) and, for
     ``--fcfd_paths`` mixed paths drawn without replacement from ``candidate_paths`` (official ``--extra_paths 2``,
-    ``--extra_type bi``, ``random.sample`` every step; here ``torch.randperm`` on the CPU generator), the function
+    ``--extra_type bi``, ``random.sample`` every step, as here), the function
     L2 of an ``s2t`` path's later teacher stages and the KL of its logits to the teacher's at ``--kd_T`` (both
     directions, the ``t2s`` logits from the student's classifier). The term is ``fcfd_l2_weight * warmup * L2 +
     fcfd_kl_weight * KL``; the official ``weight_l2`` warm-up is ``min(1, epoch / 20)`` (1-based epochs).
@@ -185,8 +186,9 @@ class FCFDDistiller(Distiller):
         self.warmup = linear_warmup(epoch, self.warmup_epochs)
 
     def sample_paths(self) -> list[Path]:
-        order = torch.randperm(len(self.candidates)).tolist()  # a CPU tensor: no device read
-        return [self.candidates[i] for i in order[: self.n_paths]]
+        """Official ``random.sample(self.extra_path_list, extra_path_num)``: Python's generator (seeded by the
+        engine, saved in checkpoints), nothing read from a tensor."""
+        return random.sample(self.candidates, self.n_paths)
 
     def forward(self, out_s: Any, out_t: Any, batch: Any) -> torch.Tensor:
         return self.loss(out_s.feats, out_t.feats, out_t.logits, self.sample_paths())
