@@ -8,12 +8,14 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from test_scripts import commands, flag, run_script
 from torch import nn
 
 import models
 from distiller_zoo import PairError, get_method
 from distiller_zoo.base import default_args
 from distiller_zoo.FCFD import batch_statistics, candidate_paths
+from helper import published
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -158,3 +160,15 @@ def test_bad_flags_are_refused_in_one_line(overrides: dict, pattern: str) -> Non
     with pytest.raises(PairError, match=pattern) as err:
         get_method("fcfd").check_pair(shapes, shapes, default_args(**overrides))
     assert "\n" not in str(err.value)
+
+
+def test_script_runs_fcfd_on_the_cifar_resnet_pairs_with_the_official_configs() -> None:
+    cmds = commands(run_script("run_cifar_newer.sh", "fcfd", DRY_RUN="1"))
+    got = {(flag(c, "--path_t").split("/")[-2], flag(c, "--model_s")): c for c in cmds}
+    assert set(got) == {("resnet56_vanilla", "resnet20"), ("resnet32x4_vanilla", "resnet8x4")}
+    # LiuDongyang6/FCFD experiments/cifar: weight_l2 0.02 (resnet20-resnet56.yaml) and 5; T 4; lr 0.05.
+    assert flag(got["resnet56_vanilla", "resnet20"], "--fcfd_l2_weight") == "0.02"
+    assert flag(got["resnet32x4_vanilla", "resnet8x4"], "--fcfd_l2_weight") == "5"
+    for c in got.values():
+        assert [flag(c, f) for f in ("-r", "-a", "-b", "--kd_T", "--learning_rate")] == ["1", "1", "1", "4", "0.05"]
+    assert published.lookup("resnet32x4", "resnet8x4", "fcfd").acc == 76.62  # 3rd-party: EA-KD's ablation
