@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import copy
+import json
+import math
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
+from shared_paths import DATA
+from test_cli import SMALL, only_folder, repdistiller_teacher, run  # noqa: F401 (a fixture)
 from test_scripts import commands, flag, run_script
 from torch import nn
 
@@ -172,3 +176,16 @@ def test_script_runs_fcfd_on_the_cifar_resnet_pairs_with_the_official_configs() 
     for c in got.values():
         assert [flag(c, f) for f in ("-r", "-a", "-b", "--kd_T", "--learning_rate")] == ["1", "1", "1", "4", "0.05"]
     assert published.lookup("resnet32x4", "resnet8x4", "fcfd").acc == 76.62  # 3rd-party: EA-KD's ablation
+
+
+@pytest.mark.slow
+@pytest.mark.long
+@pytest.mark.skipif(not (DATA / "cifar-100-python").is_dir(), reason=f"CIFAR-100 not found at {DATA}")
+def test_cli_runs_fcfd_with_a_folded_teacher(repdistiller_teacher, tmp_path):  # noqa: F811
+    # The default --fold_teacher_bn folds the engine's teacher; FCFD's own copy keeps its BatchNorms.
+    argv = ["--path_t", str(repdistiller_teacher), "--distill", "fcfd", "--model_s", "resnet8x4", *SMALL]
+    run("train_student.py", *argv, "--save_dir", str(tmp_path), cwd=tmp_path)
+    folder = only_folder(tmp_path / "student_model")
+    (main,) = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss_ce", "loss_kd", "loss_fcfd"} <= set(main) and main["loss_fcfd"] > 0, main
+    assert all(math.isfinite(main[k]) for k in main if k.startswith("loss_"))
