@@ -210,7 +210,16 @@ class FCFDDistiller(Distiller):
                 out = self._rest("student", self.t2s[j - 1](f_t[j]), j)
             kl = kl + self.kl(out.logits, z_t)
         l2 = sum(fcfd_l2(maps[s], f_t[s].detach(), s == last) for s in maps)
-        return self.l2_weight * self.warmup * l2 + self.kl_weight * kl
+        return self.l2_weight * self.warmup * l2 + self.kl_weight * kl + self._touch_unused(paths)
+
+    def _touch_unused(self, paths: Sequence[Path]) -> torch.Tensor | float:
+        """Under DistributedDataParallel (``static_graph``: the same parameters in every step's graph), the bridges
+        of the paths not drawn enter with weight 0; on one process they get no gradient, as in the official code
+        (so SGD's weight decay and momentum skip them that step)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return 0.0
+        unused = [p.sum() for j, b in enumerate(self.t2s, start=1) if ("t2s", j) not in paths for p in b.parameters()]
+        return 0.0 * torch.stack(unused).sum() if unused else 0.0
 
     def _rest(self, side: str, x: torch.Tensor, start: int) -> Any:
         """``side``'s network after feature ``start`` on ``x``, its BatchNorms on batch statistics (the teacher's
