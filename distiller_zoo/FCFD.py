@@ -1,5 +1,5 @@
 """FCFD: "Function-Consistent Feature Distillation", Dongyang Liu, Meina Kan, Shiguang Shan and Xilin Chen,
-ICLR 2023, arXiv 2304.11832.
+ICLR 2023, OpenReview pgHNOcxEdRI (official code: LiuDongyang6/FCFD).
 
 Loss: bridges (conv + BN) map each stage's features between the student's and the teacher's spaces; the
 bridged student features must match the teacher's (appearance, L2), and so must what the teacher's later
@@ -116,11 +116,12 @@ class FCFDDistiller(Distiller):
     clears ``requires_grad``). Deviations, on purpose: the teacher's own features and logits are the engine's
     (eval mode, running statistics; the official ones use batch statistics), and ``--fcfd_teacher_bn running``
     runs the teacher's later stages in eval mode too. The bridges used are built, not the official unused
-    ones (teacher to student at the last stage), so the adapter count is smaller; the values are unchanged.
+    ones (teacher to student at the last stage), so the adapter count is smaller; the values are unchanged. The
+    official SGD is Nesterov's; ours is RepDistiller's plain momentum. Under DDP see :meth:`_touch_unused`.
     """
 
     name = "fcfd"
-    paper = "Function-Consistent Feature Distillation (ICLR 2023, arXiv 2304.11832)"
+    paper = "Function-Consistent Feature Distillation (ICLR 2023, OpenReview pgHNOcxEdRI)"
     defaults = {"gamma": 1.0, "alpha": 1.0, "beta": 1.0}
 
     def __init__(self, s_shapes: Shapes, t_shapes: Shapes, args: Any, n_data: int) -> None:
