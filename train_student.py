@@ -85,6 +85,7 @@ def build(args: argparse.Namespace) -> Run:
     spec = parse_added(args.add, args.distill)  # checked by the validation
     for name, _ in spec:  # before the data is built, as for --distill
         get_method(name).check_pair(pair.s_shapes, pair.t_shapes, args)
+        get_method(name).check_models(pair.student, pair.teacher, args)
     samplers = [m.make_sampler for m in (method, *(get_method(n) for n, _ in spec)) if m.needs_contrast]
     data = build_data(args, device, seed, samplers[0] if samplers else None, args.two_views)
     log_fast_path(args)
@@ -120,6 +121,7 @@ def build_pair(args: argparse.Namespace, method: type[Distiller], teacher: nn.Mo
     s_shapes = feature_shapes(student, preact=method.preact)
     t_shapes = feature_shapes(teacher, preact=method.preact)
     method.check_pair(s_shapes, t_shapes, args)
+    method.check_models(student, teacher, args)
     return Pair(teacher, arch_t, student, s_shapes, t_shapes)
 
 

@@ -26,6 +26,8 @@ What a method implements:
   number of training images (CRD's memory size).
 * ``check_pair(s_shapes, t_shapes, args)`` (classmethod): raise :class:`PairError` with a message that
   names the pair and the reason when the method cannot serve it. Called before anything is built.
+* ``check_models(student, teacher, args)`` (classmethod, optional): the same for what the models can do
+  beyond their shapes (FCFD needs ``forward_from``).
 * ``forward(out_s, out_t, batch) -> Tensor``: the method's scalar loss (before ``beta``). ``out_s`` and
   ``out_t`` are :class:`models.FeatureOutput` (``feats``, ``logits``); ``batch`` is a
   :class:`dataset.Batch` (``input``, ``target``, ``index``, ``contrast_idx``).
@@ -88,6 +90,11 @@ class Distiller(nn.Module):
     @classmethod
     def check_pair(cls, s_shapes: Shapes, t_shapes: Shapes, args: Any) -> None:
         """Raise :class:`PairError` when the method cannot serve this pair."""
+
+    @classmethod
+    def check_models(cls, student: nn.Module, teacher: nn.Module, args: Any) -> None:
+        """Raise :class:`PairError` when the method cannot serve these networks for what their feature shapes do
+        not tell (FCFD runs the rest of a network from a stage). Called after :meth:`check_pair`, before any work."""
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

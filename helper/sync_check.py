@@ -219,6 +219,7 @@ def tiny_objective(
     t_shapes = models.feature_shapes(teacher, preact=cls.preact)
     args = default_args(nce_k=nce_k, batch_size=batch)  # CRD sizes its gather from the batch size
     cls.check_pair(s_shapes, t_shapes, args)
+    cls.check_models(student, teacher, args)  # FCFD: the networks need forward_from
     distiller = cls(s_shapes, t_shapes, args, n_data)
     distiller.bind_teacher(teacher)
     teacher.to(device), student.to(device), distiller.to(device)

@@ -101,6 +101,24 @@ class ResNet(nn.Module):
         logits = self.fc(x)
         return FeatureOutput(feats, logits) if is_feat else logits
 
+    def forward_from(self, x: Tensor, start: int, is_feat: bool = False) -> Tensor | FeatureOutput:
+        """The rest of the network from feature ``start`` (0: the stem, 1-3: a stage; post-activation, as
+        ``forward(., is_feat=True).feats[start]``): the later stages and the classifier on ``x``, for methods
+        that pass another network's features through this one (FCFD). Logits, or with ``is_feat`` the later
+        stages' outputs, the pooled vector and the logits. Parameter-free; skips ``pre_pool`` so that a hook on
+        it (SDD) sees only the model's own forward."""
+        stages = (self.layer1, self.layer2, self.layer3)
+        if not 0 <= start <= len(stages):
+            raise ValueError(f"forward_from: start must be a feature index in 0..{len(stages)}, got {start}")
+        feats = []
+        for stage in stages[start:]:
+            x = stage(x)
+            feats.append(x)
+        x = self.avgpool(x).flatten(1)  # (B, c3)
+        feats.append(x)
+        logits = self.fc(x)
+        return FeatureOutput(feats, logits) if is_feat else logits
+
 
 def resnet8(num_classes: int = 100) -> ResNet:
     return ResNet(8, [16, 16, 32, 64], num_classes=num_classes)

@@ -27,7 +27,7 @@ source scripts/queue.sh
 RECIPE_PAIRS="wrn_40_2:wrn_16_2 wrn_40_2:wrn_40_1 resnet56:resnet20 resnet110:resnet20 resnet110:resnet32 resnet32x4:resnet8x4 vgg13:vgg8 vgg13:MobileNetV2 ResNet50:MobileNetV2 ResNet50:vgg8 resnet32x4:ShuffleV1 resnet32x4:ShuffleV2 wrn_40_2:ShuffleV1"
 RECIPE_STANDARD_EPOCHS=240
 RECIPE_DECAY_FRACTIONS=("5 8" "3 4" "7 8")
-RECIPE_METHODS=(ofd reviewkd dkd dist kd+ctkd kd+ls dkd+ls mlkd mlkd+ls mlkd-std simkd wttm luminet rld crld sdd_kd sdd_dkd wkd_l kd+dot itrd wttm+itrd catkd wkdf wkd_l+wkdf mlkd-480ep kd++ dkd++ dist++ reviewkd++)
+RECIPE_METHODS=(ofd reviewkd dkd dist kd+ctkd kd+ls dkd+ls mlkd mlkd+ls mlkd-std simkd wttm luminet rld crld sdd_kd sdd_dkd wkd_l kd+dot itrd wttm+itrd catkd wkdf wkd_l+wkdf mlkd-480ep kd++ dkd++ dist++ reviewkd++ fcfd)
 RECIPE_OPTIONAL=(mlkd-480ep)
 declare -A RECIPE=(
     ["ofd|*"]="--distill ofd -r 1 -a 0 -b 0.001"
@@ -220,6 +220,19 @@ declare -A RECIPE=(
     ["reviewkd++|resnet32x4:ShuffleV1"]="--distill reviewkd -r 1 -a 0 -b 7 --add nd:1 --batch_size 128 --learning_rate 0.02"
     ["reviewkd++|resnet32x4:ShuffleV2"]="--distill reviewkd -r 1 -a 0 -b 8 --add nd:1.5 --batch_size 128 --learning_rate 0.02"
     ["reviewkd++|wrn_40_2:ShuffleV1"]="skip"
+    ["fcfd|*"]="--distill fcfd -r 1 -a 1 -b 1 --kd_T 4 --fcfd_l2_weight 5 --fcfd_kl_weight 1 --fcfd_paths 2 --learning_rate 0.05"
+    ["fcfd|wrn_40_2:wrn_16_2"]="skip"
+    ["fcfd|wrn_40_2:wrn_40_1"]="skip"
+    ["fcfd|resnet56:resnet20"]="--distill fcfd -r 1 -a 1 -b 1 --kd_T 4 --fcfd_l2_weight 0.02 --fcfd_kl_weight 1 --fcfd_paths 2 --learning_rate 0.05"
+    ["fcfd|resnet110:resnet20"]="skip"
+    ["fcfd|resnet110:resnet32"]="skip"
+    ["fcfd|vgg13:vgg8"]="skip"
+    ["fcfd|vgg13:MobileNetV2"]="skip"
+    ["fcfd|ResNet50:MobileNetV2"]="skip"
+    ["fcfd|ResNet50:vgg8"]="skip"
+    ["fcfd|resnet32x4:ShuffleV1"]="skip"
+    ["fcfd|resnet32x4:ShuffleV2"]="skip"
+    ["fcfd|wrn_40_2:ShuffleV1"]="skip"
 )
 declare -A TRIAL_PREFIX=(["kd+ctkd"]=ctkd_ ["kd+ls"]=ls_ ["dkd+ls"]=ls_ ["mlkd+ls"]=ls_ ["mlkd-480ep"]=v1_)
 # END RECIPES

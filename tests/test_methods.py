@@ -41,11 +41,14 @@ EXPECTED_REFUSALS = {
     "fsp": set(PAIRS) - SAME_CHANNELS,
     "kdsvd": set(PAIRS) - SAME_CHANNELS,
     "catkd": {("vgg13", "MobileNetV2"), ("ResNet50", "MobileNetV2"), ("resnet32x4", "ShuffleV2")},
+    # FCFD runs the rest of a network from a stage (``forward_from``): the CIFAR ResNets have it.
+    "fcfd": set(PAIRS) - {("resnet56", "resnet20"), ("resnet32x4", "resnet8x4")},
 }
 # Untrained teachers are never confident: CRLD's confidence masks would drop every sample (a zero loss).
 # WKD-L: its class cost from the teacher's classifier (cheap); the CKA cost over the training images (about 30 s
 # to minutes per pair on a CPU) has its own tests in test_sdd_wkd_dot.py.
-METHOD_ARGS = {"crld": {"crld_tau_w": 0.0, "crld_tau_s": 0.0}, "wkd_l": {"wkd_cost": "fc"}}
+# FCFD: all four mixed paths, so that every bridge is used in the one step (two are drawn per step by default).
+METHOD_ARGS = {"crld": {"crld_tau_w": 0.0, "crld_tau_s": 0.0}, "wkd_l": {"wkd_cost": "fc"}, "fcfd": {"fcfd_paths": 4}}
 # ND: random positive class centers instead of its teacher pass over the training images (5-50 s per pair on a
 # CPU), which tests/test_nd.py checks against a hand computation.
 PREPARED = {"nd": lambda method, t_shapes: method.set_centers(torch.rand(100, t_shapes[-1][0]) + 0.1)}
@@ -165,6 +168,7 @@ def test_method_on_pair(name, teacher_name, student_name, zoo, shapes, batch, te
 
     try:
         cls.check_pair(s_shapes, t_shapes, args)
+        cls.check_models(student, teacher, args)
     except PairError as err:
         message = str(err)
         assert (teacher_name, student_name) in EXPECTED_REFUSALS.get(name, set()), f"unexpected: {message}"

@@ -130,6 +130,8 @@ def test_plain_recipes_parameters_are_the_flags_defaults():
         for row in recipes.rows(label):
             if row.flag.startswith("--") and row.flag != "--distill" and row.value:
                 default = parser.get_default(row.flag[2:])
+                if default is None:
+                    continue  # resolved per model when not given (--learning_rate: RepDistiller's 0.05 or 0.01)
                 assert float(row.value) == float(default), (label, row.flag, row.value, default)
                 checked += 1
     assert checked >= 6
