@@ -275,7 +275,7 @@ class CRDDistiller(Distiller):
             nce_m=args.nce_m,
         )
         # None in a single process (and when built outside the command line, without a batch size).
-        batch_size = getattr(args, "batch_size", None)
+        batch_size = args.batch_size
         self.crd.contrast.max_shard_rows = shard_rows(batch_size) if batch_size else None
 
     def forward(self, out_s: Any, out_t: Any, batch: Any) -> torch.Tensor:

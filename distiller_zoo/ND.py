@@ -116,7 +116,7 @@ class NDDistiller(Distiller):
         super().__init__(s_shapes, t_shapes, args, n_data)
         s_dim, t_dim = s_shapes[-1][0], t_shapes[-1][0]
         self.projector = embedding_projector(s_dim, t_dim) if s_dim != t_dim else None
-        self.mode, self.path_t = args.nd_centers, getattr(args, "path_t", None)
+        self.mode, self.path_t = args.nd_centers, args.path_t
         self.register_buffer("directions", None, persistent=False)  # (C, D) unit centers, set by prepare()
 
     @classmethod

@@ -141,7 +141,7 @@ class WKDLDistiller(Distiller):
     def __init__(self, s_shapes: Shapes, t_shapes: Shapes, args: Any, n_data: int) -> None:
         super().__init__(s_shapes, t_shapes, args, n_data)
         self.args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k.startswith("wkd_")})
-        self.path_t, self.epochs = getattr(args, "path_t", None), getattr(args, "epochs", 240)
+        self.path_t, self.epochs = args.path_t, args.epochs
         self.weight = args.wkd_weight
         self.register_buffer("cost", None, persistent=False)  # (C, C), set by prepare()
 

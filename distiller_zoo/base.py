@@ -221,11 +221,20 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     add_dot_arguments(parser)
 
 
+# What a method may read of the run besides its flags, as a method built outside the command line sees it: no
+# global batch (CRD's shard size: one process), no teacher file (the cache keys of WKD-L and ND), RepDistiller's
+# 240 epochs (WKD-L's schedule).
+RUN_FACTS = {"batch_size": None, "path_t": None, "epochs": 240}
+
+
 def default_args(**overrides: Any) -> argparse.Namespace:
-    """The method flags at their defaults (for building methods outside the command line, e.g. tests)."""
+    """The method flags at their defaults, with :data:`RUN_FACTS` (for building methods outside the command line,
+    e.g. tests)."""
     parser = argparse.ArgumentParser(add_help=False)
     add_method_arguments(parser)
     args = parser.parse_args([])
+    for key, value in RUN_FACTS.items():
+        setattr(args, key, value)
     for key, value in overrides.items():
         setattr(args, key, value)
     return args
