@@ -205,10 +205,10 @@ def _protocol_suffix(args: argparse.Namespace) -> str:
         parts.append(f"val{args.val_size}")
     if args.test_size:
         parts.append(f"test{args.test_size}")
-    # Logit modifiers, the two-view protocol and DOT change what a method trains: never a folder of the plain one.
-    parts += [suffix for flag, suffix in SWITCHES.items() if getattr(args, flag)]
-    if args.add:
-        parts.append(added_suffix(args.add, args.distill))
+    if "distill" in vars(args):  # a student run: logit modifiers, the two-view protocol, DOT and added methods
+        parts += [suffix for flag, suffix in SWITCHES.items() if getattr(args, flag)]  # change what it trains
+        if args.add:
+            parts.append(added_suffix(args.add, args.distill))
     return "".join(f"_{p}" for p in parts)
 
 
