@@ -131,7 +131,8 @@ def synthetic_cifar100() -> Path:
 def random_teacher(arch: str) -> Path:
     """``<cache>/teachers/<arch>_vanilla/ckpt_epoch_240.pth``: a seeded random-init ``arch`` in RepDistiller's
     format (``{'model': state_dict}``), named as the published teachers so the architecture is read from the
-    path. Stands in for a trained teacher where a test needs any teacher, not a trained one."""
+    path. Its BatchNorms get non-trivial statistics and affine values, as a trained teacher's, so that a loader
+    or a fold that lost them would change the outputs. Stands in where a test needs a teacher, not a trained one."""
     import torch
 
     from models import create_model
@@ -139,6 +140,12 @@ def random_teacher(arch: str) -> Path:
     def write(tmp: Path) -> None:
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            torch.save({"model": create_model(arch).state_dict(), "epoch": 240}, tmp / "ckpt_epoch_240.pth")
+            model = create_model(arch)
+            with torch.no_grad():
+                for m in model.modules():
+                    if isinstance(m, torch.nn.BatchNorm2d):
+                        m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+                        m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+            torch.save({"model": model.state_dict(), "epoch": 240}, tmp / "ckpt_epoch_240.pth")
 
     return _publish(_cache() / "teachers" / f"{arch}_vanilla", write) / "ckpt_epoch_240.pth"

@@ -162,7 +162,8 @@ def test_synthetic_fixture_has_the_official_layout_and_loads_with_a_logged_note(
             raw[name] = pickle.load(f, encoding="bytes")  # as the official (Python 2) files read
     keys = {b"batch_label", b"coarse_labels", b"data", b"filenames", b"fine_labels"}
     assert set(raw["train"]) == set(raw["test"]) == keys
-    assert set(raw["meta"]) == {b"fine_label_names", b"coarse_label_names"} and len(raw["meta"][b"fine_label_names"]) == 100
+    assert set(raw["meta"]) == {b"fine_label_names", b"coarse_label_names"}
+    assert len(raw["meta"][b"fine_label_names"]) == 100
     assert raw["train"][b"data"].dtype == np.uint8 and raw["train"][b"data"].shape == (100 * TRAIN_PER_CLASS, 3072)
     with caplog.at_level(logging.INFO, logger="dataset.cifar100"):
         data = load_cifar100(tmp_path, download=False)

@@ -117,7 +117,6 @@ def run_sweep(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (DATA / "cifar-100-python").is_dir(), reason=f"CIFAR-100 not found at {DATA}")
 def test_a_small_grid_runs_locally_is_tabulated_and_a_rerun_skips_it(tmp_path):
     teacher = tmp_path / "resnet8_vanilla" / "ckpt_epoch_240.pth"
     teacher.parent.mkdir()
