@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from shared_paths import DATA, ROOT, SHARED
+from shared_paths import DATA, ROOT, teacher
 
 spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
 benchmark = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = benchmark  # dataclasses look their module up here
 spec.loader.exec_module(benchmark)
 
-TEACHER = SHARED / "teachers" / "resnet56_vanilla" / "ckpt_epoch_240.pth"
+TEACHER = teacher("resnet56")  # the trained one from ../shared, else a random-init one (only timed here)
 nan = math.nan
 
 
@@ -95,8 +95,6 @@ def test_table_reports_best_and_median_speed_ups():
 @pytest.mark.slow
 @pytest.mark.usefixtures("restore_threads")
 def test_short_cpu_run_times_both_loops_for_kd_and_crd(tmp_path: Path, capsys: pytest.CaptureFixture):
-    if not TEACHER.is_file():
-        pytest.skip(f"needs the shared teacher {TEACHER}")
     out = tmp_path / "bench.json"
     benchmark.main([
         "--device", "cpu", "--methods", "kd,crd", "--settings", "fp32,fp32+cl+fold", "--steps", "1",
@@ -117,8 +115,6 @@ def test_short_cpu_run_times_both_loops_for_kd_and_crd(tmp_path: Path, capsys: p
 @pytest.mark.slow
 @pytest.mark.usefixtures("restore_threads")
 def test_parallel_processes_time_rounds_together_and_sum(tmp_path: Path, capsys: pytest.CaptureFixture):
-    if not TEACHER.is_file():
-        pytest.skip(f"needs the shared teacher {TEACHER}")
     out = tmp_path / "bench.json"
     benchmark.main([
         "--device", "cpu", "--methods", "kd", "--settings", "fp32", "--steps", "1", "--rounds", "2",
@@ -148,8 +144,6 @@ def test_data_share_is_one_minus_the_median_ratio_to_the_one_batch_twin():
 @pytest.mark.slow
 @pytest.mark.usefixtures("restore_threads")
 def test_fixed_batch_twins_step_over_one_batch(tmp_path: Path, capsys: pytest.CaptureFixture):
-    if not TEACHER.is_file():
-        pytest.skip(f"needs the shared teacher {TEACHER}")
     flags = ["--device", "cpu", "--methods", "kd", "--path_t", str(TEACHER), "--data_folder", str(DATA)]
     opts = benchmark.parse_args(flags)
     run = benchmark.build_run(opts, "kd", benchmark.Setting(), tmp_path / "runs", "twin")

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from cifar_fixture import TEST_PER_CLASS, TRAIN_PER_CLASS, write_cifar100
 from PIL import Image
+from shared_paths import DATA, REAL_DATA, needs_real_data
 
 from dataset import (
     CIFAR100_MEAN,
@@ -32,16 +34,6 @@ from dataset import cifar100 as cifar_module
 P_MIN = 1e-3  # chi-square tests: a fair sampler fails with probability 0.001 (seeds are fixed, so never here)
 
 
-def _real_root() -> Path | None:
-    for root in (Path(__file__).resolve().parents[2] / "shared" / "data", os.environ.get("CIFAR100_ROOT")):
-        if root and (Path(root) / "cifar-100-python" / "train").is_file():
-            return Path(root)
-    return None
-
-
-needs_real = pytest.mark.skipif(_real_root() is None, reason="CIFAR-100 not found in ../shared/data or $CIFAR100_ROOT")
-
-
 class _Records(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -54,15 +46,12 @@ class _Records(logging.Handler):
 @pytest.fixture(scope="module")
 def real():
     """The real data, loaded once, with the log records the loading wrote."""
-    root = _real_root()
-    if root is None:
-        pytest.skip("CIFAR-100 not found in ../shared/data or $CIFAR100_ROOT")
     logger, handler = logging.getLogger("dataset.cifar100"), _Records()
     old_level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        data = load_cifar100(root, download=False)
+        data = load_cifar100(REAL_DATA, download=False)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
@@ -103,7 +92,7 @@ def _write_cifar(folder: Path, train_per_class: int, test_per_class: int, seed: 
 # ---------------------------------------------------------------- loading the real data
 
 
-@needs_real
+@needs_real_data
 def test_real_data_counts_classes_and_statistics(real):
     data, _ = real
     assert data.train_images.shape == (50_000, 3, 32, 32) and data.train_images.dtype == torch.uint8
@@ -130,7 +119,7 @@ def test_real_data_counts_classes_and_statistics(real):
     assert torch.allclose(std, torch.tensor([0.26733, 0.25644, 0.27615], dtype=torch.float64), atol=1e-3)
 
 
-@needs_real
+@needs_real_data
 def test_real_copy_accepted_by_content_with_one_info_line(real):
     data, records = real
     folder = data.root / "cifar-100-python"
@@ -149,13 +138,12 @@ def test_real_copy_accepted_by_content_with_one_info_line(real):
     assert not [r for r in records if r.levelno >= logging.WARNING]  # full-size data: no subset warning
 
 
-@needs_real
-def test_real_train_file_truncated_is_rejected(tmp_path):
-    src = _real_root() / "cifar-100-python"
+def test_train_file_truncated_is_rejected(tmp_path):
+    src = DATA / "cifar-100-python"  # the real copy, else the synthetic one
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
-    with open(src / "train", "rb") as f:
-        (folder / "train").write_bytes(f.read(5_000_000))  # the first 5 MB of 155 MB
+    with open(src / "train", "rb") as f:  # the first 5 MB of the real 155 MB, or half of the synthetic 1.5 MB
+        (folder / "train").write_bytes(f.read(min(5_000_000, (src / "train").stat().st_size // 2)))
     for name in ("test", "meta"):
         (folder / name).symlink_to(src / name)
     with pytest.raises(DataError, match="truncated or corrupt") as err:
@@ -164,6 +152,34 @@ def test_real_train_file_truncated_is_rejected(tmp_path):
 
 
 # ---------------------------------------------------------------- loading: synthetic folders
+
+
+def test_synthetic_fixture_has_the_official_layout_and_loads_with_a_logged_note(tmp_path, caplog):
+    folder = write_cifar100(tmp_path) / "cifar-100-python"
+    raw = {}
+    for name in ("train", "test", "meta"):
+        with open(folder / name, "rb") as f:
+            raw[name] = pickle.load(f, encoding="bytes")  # as the official (Python 2) files read
+    keys = {b"batch_label", b"coarse_labels", b"data", b"filenames", b"fine_labels"}
+    assert set(raw["train"]) == set(raw["test"]) == keys
+    assert set(raw["meta"]) == {b"fine_label_names", b"coarse_label_names"}
+    assert len(raw["meta"][b"fine_label_names"]) == 100
+    assert raw["train"][b"data"].dtype == np.uint8 and raw["train"][b"data"].shape == (100 * TRAIN_PER_CLASS, 3072)
+    with caplog.at_level(logging.INFO, logger="dataset.cifar100"):
+        data = load_cifar100(tmp_path, download=False)
+    assert torch.equal(data.train_images.reshape(-1, 3072), torch.from_numpy(raw["train"][b"data"]))
+    assert torch.equal(data.test_labels, torch.tensor(raw["test"][b"fine_labels"]))
+    assert torch.equal(torch.bincount(data.train_labels), torch.full((100,), TRAIN_PER_CLASS))
+    assert torch.equal(torch.bincount(data.test_labels), torch.full((100,), TEST_PER_CLASS))
+    # Not the official checksums: accepted after the content check, with one INFO line (and the subset warnings).
+    (note,) = [r for r in caplog.records if "differ from the official checksums" in r.getMessage()]
+    assert note.levelno == logging.INFO and "meta, train, test" in note.getMessage()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2 and all("not comparable with published ones" in w for w in warnings)
+    # Learnable: an image is nearer its own class's mean training image than any other (noise 24 on 0..255).
+    means = torch.stack([data.train_images[data.train_labels == c].double().mean(0) for c in range(100)])
+    nearest = torch.cdist(data.test_images.double().flatten(1), means.flatten(1)).argmin(1)
+    assert torch.equal(nearest, data.test_labels)
 
 
 def test_subset_folder_loads_with_warning_and_info(tmp_path, caplog):

@@ -165,7 +165,6 @@ def test_bad_demo_flags_are_refused_in_one_line(tmp_path: Path, capsys):
 # --eval_freq and --no_teacher_eval, on a tiny real run
 
 
-@pytest.mark.skipif(not (DATA / "cifar-100-python").is_dir(), reason=f"CIFAR-100 not found at {DATA}")
 def test_eval_freq_and_no_teacher_eval(tmp_path: Path):
     teacher = tmp_path / "t.pth"
     torch.manual_seed(0)

@@ -37,7 +37,6 @@ from helper.engine import Meter  # noqa: E402
 from helper.options import UsageError  # noqa: E402
 from models import create_model  # noqa: E402
 
-HAS_DATA = (DATA / "cifar-100-python").is_dir()
 # Two processes and one differ by float summation order only (BatchNorm statistics, the loss mean and the
 # weight-gradient sums are reduced in other orders), which depends on the CPU's kernels. The tolerance is
 # measured in each run: one process trained once more with each batch's rows reordered (even rows, then odd:
@@ -303,7 +302,6 @@ def assert_same_state(one: dict, two: dict, tol: float) -> None:
 
 @pytest.mark.parametrize("name", ["teacher", "kd", "crd"])
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_DATA, reason=f"CIFAR-100 not found at {DATA}")
 def test_two_processes_train_like_one(runs, name):
     one, two = run_folder(runs["one"], name), run_folder(runs["two"], name)
     perm = run_folder(runs["perm"], name)
@@ -325,7 +323,6 @@ def test_two_processes_train_like_one(runs, name):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_DATA, reason=f"CIFAR-100 not found at {DATA}")
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_each_ddp_fault_fails_the_comparison(runs, fault):
     """The teacher's two-process run with a fault injected (see FAULTS) is refused by the same comparison,
@@ -342,7 +339,6 @@ def test_each_ddp_fault_fails_the_comparison(runs, fault):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_DATA, reason=f"CIFAR-100 not found at {DATA}")
 def test_rank_zero_alone_writes_the_run_folder(runs):
     for name in ("teacher", "kd", "crd"):
         one, two = run_folder(runs["one"], name), run_folder(runs["two"], name)

@@ -5,14 +5,15 @@ three phases of every checkpoint write), chosen by label, so a test says exactly
 are processes forked from one server that imported torch once (``fault_points.py --serve``); with
 ``KD_DRILL_FRESH=1`` every run is a fresh interpreter instead.
 
-The fault drill (:func:`test_fault_drill`): a short CRD run (resnet8 student, the shared resnet20 teacher, 100
-images, 3 epochs) killed with SIGKILL ``KD_DRILL_KILLS`` times (20 by default) in one chain, each kill followed at
-once by ``--resume auto``. The kill points are drawn with ``random.Random(KD_DRILL_SEED)`` (0) from the labels an
-uninterrupted run reaches: 30% training steps, 20% evaluation batches (the teacher's at start-up included), 50%
-checkpoint writes, plus two fixed ones in the final epoch (every published file written but not ``latest.pth``;
-``latest.pth`` written but not ``summary.json``). Labels are sorted in run order, so every resumed process reaches
-its own. After every kill each ``.pth`` left must load and ``latest.pth`` must hold the last finished epoch;
-the chain must end with the uninterrupted run's weights, bit for bit, and with every file it leaves.
+The fault drill (:func:`test_fault_drill`): a short CRD run (resnet8 student, the shared resnet20 teacher or,
+without ``../shared``, a random-init one; 100 images, 3 epochs) killed with SIGKILL ``KD_DRILL_KILLS`` times (20 by
+default) in one chain, each kill followed at once by ``--resume auto``. The kill points are drawn with
+``random.Random(KD_DRILL_SEED)`` (0) from the labels an uninterrupted run reaches: 30% training steps, 20%
+evaluation batches (the teacher's at start-up included), 50% checkpoint writes, plus two fixed ones in the final
+epoch (every published file written but not ``latest.pth``; ``latest.pth`` written but not ``summary.json``). Labels
+are sorted in run order, so every resumed process reaches its own. After every kill each ``.pth`` left must load and
+``latest.pth`` must hold the last finished epoch; the chain must end with the uninterrupted run's weights, bit for
+bit, and with every file it leaves.
 """
 
 from __future__ import annotations
@@ -30,16 +31,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from shared_paths import DATA, ROOT, SHARED
+from shared_paths import DATA, ROOT, teacher
 
 from helper.checkpoint import remove_partial_writes, save_atomic
 from helper.folder import lock_folder, release_folder
 from helper.options import UsageError, schedule_variants, student_parser, student_run_folder
 
-HAS_DATA = (DATA / "cifar-100-python").is_dir()
-TEACHER = SHARED / "teachers" / "resnet20_vanilla" / "ckpt_epoch_240.pth"
-needs_data = pytest.mark.skipif(not HAS_DATA, reason=f"CIFAR-100 not found at {DATA}")
-needs_teacher = pytest.mark.skipif(not (HAS_DATA and TEACHER.is_file()), reason=f"no CIFAR-100 or {TEACHER}")
+TEACHER = teacher("resnet20")  # the trained one from ../shared, else a random-init one (any teacher will do)
 FAULT_POINTS = Path(__file__).with_name("fault_points.py")
 DRILL_KILLS = int(os.environ.get("KD_DRILL_KILLS", "20"))
 DRILL_SEED = int(os.environ.get("KD_DRILL_SEED", "0"))
@@ -189,7 +187,6 @@ def drill_labels(labels: list[str], kills: int, seed: int) -> list[str]:
 
 
 @pytest.mark.slow
-@needs_teacher
 def test_fault_drill(runner, reference, tmp_path):
     ref, labels = reference
     chosen = drill_labels(labels, DRILL_KILLS, DRILL_SEED)
@@ -225,7 +222,6 @@ def test_fault_drill(runner, reference, tmp_path):
 
 
 @pytest.mark.slow
-@needs_teacher
 def test_sigterm_saves_at_a_step_boundary_and_resume_completes(runner, reference, tmp_path):
     ref, _ = reference
     rc, out, folder = crd_run(runner, tmp_path, term="main:2:step:2")
@@ -240,7 +236,6 @@ def test_sigterm_saves_at_a_step_boundary_and_resume_completes(runner, reference
 
 
 @pytest.mark.slow
-@needs_teacher
 @pytest.mark.parametrize("phase", ["partial", "unrenamed"])
 def test_a_full_disk_loses_nothing_written_and_is_one_clear_line(runner, reference, tmp_path, phase):
     ref, _ = reference
@@ -257,7 +252,6 @@ def test_a_full_disk_loses_nothing_written_and_is_one_clear_line(runner, referen
 
 
 @pytest.mark.slow
-@needs_teacher
 def test_resume_auto_with_a_longer_schedule_extends_the_finished_run(runner, reference, tmp_path):
     ref, _ = reference
     rc, out, short = crd_run(runner, tmp_path, epochs=1)
@@ -385,7 +379,6 @@ def teacher(tmp_path: Path, *argv: str, check: bool = True) -> subprocess.Comple
 
 
 @pytest.mark.slow
-@needs_data
 def test_non_finite_loss_stops_naming_method_epoch_and_step(tmp_path):
     # Epoch 1 at lr 0.01, then the "decay" multiplies it by 1e12: the loss diverges in epoch 2.
     blow_up = ["--epochs", "3", "--learning_rate", "0.01", "--lr_decay_epochs", "1", "--lr_decay_rate", "1e12"]
@@ -401,7 +394,6 @@ def test_non_finite_loss_stops_naming_method_epoch_and_step(tmp_path):
 
 
 @pytest.mark.slow
-@needs_data
 def test_a_run_in_progress_is_not_overwritten(tmp_path):
     folder = tmp_path / "save" / "models" / "run"
     cmd = [sys.executable, str(ROOT / "train_teacher.py"), *BASE, "--save_dir", str(tmp_path / "save")]

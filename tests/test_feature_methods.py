@@ -296,7 +296,6 @@ def test_added_terms_are_logged_with_their_own_weights() -> None:
 
 @pytest.mark.slow
 @pytest.mark.long
-@pytest.mark.skipif(not (DATA / "cifar-100-python").is_dir(), reason=f"CIFAR-100 not found at {DATA}")
 @pytest.mark.parametrize(
     "command",
     [
@@ -360,7 +359,6 @@ def test_script_runs_catkd_with_its_configs_and_skips_the_pairs_it_cannot_serve(
 
 @pytest.mark.slow
 @pytest.mark.long
-@pytest.mark.skipif(not (DATA / "cifar-100-python").is_dir(), reason=f"CIFAR-100 not found at {DATA}")
 def test_a_combined_run_resumes_to_the_weights_of_an_uninterrupted_one(repdistiller_teacher, tmp_path):  # noqa: F811
     common = [
         "--path_t", str(repdistiller_teacher), "--model_s", "resnet8", "--distill", "wttm", "--add", "itrd:1",

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from shared_paths import DATA, SHARED
+from shared_paths import teacher
 from test_cli import SMALL, only_folder, run
 from test_newer_methods import TARGET, Z_S, Z_T, kl, softmax, t
 from test_scripts import _newer, flag
@@ -198,7 +198,7 @@ def test_recipe_script_passes_the_official_per_pair_values() -> None:
 
 # ------------------------------------------------------------------------------------------ command line
 
-TEACHER = SHARED / "teachers" / "resnet20_vanilla" / "ckpt_epoch_240.pth"
+TEACHER = teacher("resnet20")  # the trained one from ../shared, else a random-init one
 RECIPES = {  # scripts/run_cifar_newer.sh's flags (LumiNet with its resnet32x4->resnet8x4 values)
     "luminet": ["--distill", "luminet", "-r", "2", "-a", "0", "-b", "1", "--luminet_alpha", "33"],
     "rld": ["--distill", "rld", "-r", "1", "-a", "0", "-b", "1"],
@@ -207,8 +207,6 @@ RECIPES = {  # scripts/run_cifar_newer.sh's flags (LumiNet with its resnet32x4->
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (DATA / "cifar-100-python").is_dir(), reason=f"CIFAR-100 not found at {DATA}")
-@pytest.mark.skipif(not TEACHER.exists(), reason=f"no shared teacher at {TEACHER}")
 @pytest.mark.parametrize("method", list(RECIPES))
 def test_one_epoch_run(method: str, tmp_path) -> None:
     argv = ["--path_t", str(TEACHER), "--model_s", "resnet8", *RECIPES[method], *SMALL, "--save_dir", str(tmp_path)]

@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from shared_paths import ROOT, SHARED
+from shared_paths import REAL_DATA, ROOT, SHARED, needs_real_teachers, real_teacher
 from torch import nn
 
 from models import FeatureOutput, create_model, feature_shapes, model_dict, model_names, teacher_name_from_path
 from models.common import channel_shuffle
 from models.shufflenetv2 import ShuffleV2
 
-STATE_DICTS = SHARED / "reference" / "state_dicts"
+STATE_DICTS = ROOT / "tests" / "state_dicts"  # a copy of ../shared/reference/state_dicts (keys and shapes)
+SHARED_STATE_DICTS = SHARED / "reference" / "state_dicts"
 NAMES = list(model_dict)
 
 # Trainable parameters and per-sample feature shapes (is_feat=True, 3x32x32 input, 100 classes), from
@@ -96,8 +97,6 @@ def cached_feats(name: str, preact: bool) -> FeatureOutput:
 
 def reference_entries(name: str) -> list[tuple[str, tuple[int, ...]]]:
     path = STATE_DICTS / f"{name}.txt"
-    if not path.exists():
-        pytest.skip(f"reference state_dict listing not found: {path}")
     entries = []
     for line in path.read_text().splitlines():
         if line and not line.startswith("#"):
@@ -145,8 +144,6 @@ def test_teacher_name_from_path(path, expected):
 
 def test_table_matches_reference_readme():
     readme = STATE_DICTS / "README.md"
-    if not readme.exists():
-        pytest.skip(f"not found: {readme}")
     rows = {}
     for line in readme.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -154,6 +151,20 @@ def test_table_matches_reference_readme():
             shapes = [tuple(int(v) for v in s.split(",") if v) for s in re.findall(r"\(([\d,]+)\)", cells[3])]
             rows[cells[0]] = (int(cells[1].replace(",", "")), shapes)
     assert rows == REFERENCE
+
+
+def test_listings_cover_the_registry():
+    assert sorted(p.stem for p in STATE_DICTS.glob("*.txt")) == sorted(NAMES)
+
+
+def test_listings_are_a_copy_of_the_shared_reference():
+    if not SHARED_STATE_DICTS.is_dir():
+        pytest.skip(f"the copy is checked against {SHARED_STATE_DICTS}, not on this machine")
+    for name in NAMES:
+        assert (STATE_DICTS / f"{name}.txt").read_bytes() == (SHARED_STATE_DICTS / f"{name}.txt").read_bytes(), name
+    copy, shared = (STATE_DICTS / "README.md").read_text(), (SHARED_STATE_DICTS / "README.md").read_text()
+    table = [[ln for ln in text.splitlines() if ln.startswith("|")] for text in (copy, shared)]
+    assert table[0] == table[1] and len(table[0]) == 2 + len(NAMES)
 
 
 # ---------------------------------------------------------------------------------------------- architecture
@@ -438,21 +449,16 @@ MEAN, STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 
 @functools.cache
 def cifar100_test_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    path = SHARED / "data" / "cifar-100-python" / "test"
-    if not path.exists():
-        pytest.skip(f"CIFAR-100 test set not found: {path}")
-    with path.open("rb") as f:
+    with (REAL_DATA / "cifar-100-python" / "test").open("rb") as f:
         data = pickle.load(f, encoding="latin1")
     x = torch.from_numpy(np.asarray(data["data"][:n])).view(n, 3, 32, 32).float() / 255
     x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     return x, torch.tensor(data["fine_labels"][:n])
 
 
-@pytest.mark.parametrize("arch", TEACHERS)
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=needs_real_teachers(a)) for a in TEACHERS])
 def test_published_teacher_loads_strictly_and_classifies_cifar100(arch):
-    path = SHARED / "teachers" / f"{arch}_vanilla" / "ckpt_epoch_240.pth"
-    if not path.exists():
-        pytest.skip(f"teacher not found: {path}")
+    path = real_teacher(arch)
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     model = create_model(teacher_name_from_path(path))
     model.load_state_dict(checkpoint["model"], strict=True)

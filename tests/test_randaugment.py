@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
+from shared_paths import DATA
 
 from dataset import load_cifar100
 from dataset.randaugment import CUTOUT_FILL, OP_INDEX, OPS, StrongDraws, apply_strong, draw_strong
 
 P_MIN = 1e-3  # chi-square tests: a fair sampler fails with probability 0.001 (seeds are fixed, so never here)
-N_IMAGES = 256  # real training images per test: enough for every op to meet varied content and values
+N_IMAGES = 256  # training images per test: enough for every op to meet varied content and values
 PHOTOMETRIC = ("AutoContrast", "Brightness", "Color", "Contrast", "Equalize", "Identity", "Posterize", "Sharpness",
                "Solarize")  # fmt: skip
 GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY")
-
-
-def _real_root() -> Path | None:
-    for root in (Path(__file__).resolve().parents[2] / "shared" / "data", os.environ.get("CIFAR100_ROOT")):
-        if root and (Path(root) / "cifar-100-python" / "train").is_file():
-            return Path(root)
-    return None
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -32,12 +23,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
-    """(N_IMAGES, 3, 32, 32) uint8: real CIFAR-100 training images, randomly cropped (zero padding 4) and flipped
+    """(N_IMAGES, 3, 32, 32) uint8: CIFAR-100 training images (the synthetic ones of cifar_fixture.py without
+    ../shared), randomly cropped (zero padding 4) and flipped
     as the weak pipeline leaves them, so that black borders (extreme histograms) occur too."""
-    root = _real_root()
-    if root is None:
-        pytest.skip("CIFAR-100 not found in ../shared/data or $CIFAR100_ROOT")
-    data = load_cifar100(root, download=False).train_images[:N_IMAGES]
+    data = load_cifar100(DATA, download=False).train_images[:N_IMAGES]
     g = torch.Generator().manual_seed(0)
     padded = torch.nn.functional.pad(data, (4, 4, 4, 4))
     dx, dy = torch.randint(9, (2, N_IMAGES), generator=g)

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from shared_paths import SHARED
+from shared_paths import teacher as shared_teacher
 
 import train_student
 import train_teacher
@@ -113,8 +113,7 @@ def test_a_float_flag_is_checked_whatever_its_name():
 
 # ---------------------------------------------------------------------------------------------- teacher layouts
 
-REAL_TEACHER = SHARED / "teachers" / "resnet20_vanilla" / "ckpt_epoch_240.pth"
-needs_teacher = pytest.mark.skipif(not REAL_TEACHER.is_file(), reason=f"shared teacher not found at {REAL_TEACHER}")
+REAL_TEACHER = shared_teacher("resnet20")  # the trained one from ../shared, else a random-init one
 # The layouts people publish: RepDistiller's, {'state_dict': ...}, {'net': ...}, a bare state_dict, each with
 # its keys as saved, under nn.DataParallel ('module.'), inside a wrapper ('model.'), or both.
 LAYOUTS = {
@@ -133,7 +132,6 @@ def real_teacher():
     return model, arch, x, model(x)
 
 
-@needs_teacher
 @pytest.mark.parametrize("prefix", KEY_PREFIXES)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_published_layouts_load_and_give_the_teachers_outputs(layout, prefix, real_teacher, tmp_path, caplog):
@@ -155,7 +153,6 @@ def test_five_published_layouts_are_accepted():
     assert len(LAYOUTS) + ("module." in KEY_PREFIXES) == 5  # 4 containers, and nn.DataParallel's prefix in each
 
 
-@needs_teacher
 def test_what_holds_no_teacher_of_that_architecture_is_refused_clearly(real_teacher, tmp_path):
     original, *_ = real_teacher
     folder = tmp_path / "resnet20_vanilla"

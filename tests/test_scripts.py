@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_paths import REAL_TEACHERS
 
 from distiller_zoo import PairError, get_method
 from distiller_zoo.base import default_args
@@ -22,7 +23,7 @@ from helper.checkpoint import load_teacher
 from models import create_model, feature_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_TEACHERS = ROOT.parent / "shared" / "teachers"
+SHARED_TEACHERS = REAL_TEACHERS
 OFFLINE = "http://127.0.0.1:9/unreachable"  # the discard port: connection refused at once
 
 spec = importlib.util.spec_from_file_location("fetch_teachers", ROOT / "scripts" / "fetch_teachers.py")
@@ -246,17 +247,25 @@ def test_reference_accuracies():
     assert fetch_teachers.reference_accuracy("resnet8", "from x", 12.5) == (12.5, "recorded in the checkpoint")
 
 
-@pytest.mark.skipif(not SHARED_TEACHERS.is_dir(), reason="no ../shared/teachers on this machine")
 def test_from_shared_teachers_lays_out_the_files(tmp_path: Path):
-    assert fetch_teachers.main(["--from", str(SHARED_TEACHERS), "--save_dir", str(tmp_path), "--no_eval"]) == 0
-    for arch in ("resnet20", "resnet32", "resnet44", "resnet56"):
-        dest = tmp_path / "models" / f"{arch}_vanilla" / "ckpt_epoch_240.pth"
-        assert (
-            dest.is_symlink()
-            and dest.resolve() == (SHARED_TEACHERS / f"{arch}_vanilla" / "ckpt_epoch_240.pth").resolve()
-        )
-    _, arch, ckpt = load_teacher(str(tmp_path / "models" / "resnet56_vanilla" / "ckpt_epoch_240.pth"), None, 100)
-    assert arch == "resnet56" and ckpt["accuracy"] == pytest.approx(72.61)
+    archs = ("resnet20", "resnet32", "resnet44", "resnet56")
+    source = SHARED_TEACHERS  # the trained teachers where ../shared has them, else four random-init ones
+    if not all((source / f"{arch}_vanilla" / "ckpt_epoch_240.pth").is_file() for arch in archs):
+        source = tmp_path / "teachers"
+        for i, arch in enumerate(archs):
+            (source / f"{arch}_vanilla").mkdir(parents=True)
+            state = {"model": create_model(arch).state_dict(), "accuracy": 60.0 + i}
+            torch.save(state, source / f"{arch}_vanilla" / "ckpt_epoch_240.pth")
+    save_dir = tmp_path / "save"
+    assert fetch_teachers.main(["--from", str(source), "--save_dir", str(save_dir), "--no_eval"]) == 0
+    for arch in archs:
+        dest = save_dir / "models" / f"{arch}_vanilla" / "ckpt_epoch_240.pth"
+        assert dest.is_symlink() and dest.resolve() == (source / f"{arch}_vanilla" / "ckpt_epoch_240.pth").resolve()
+    src = torch.load(source / "resnet56_vanilla" / "ckpt_epoch_240.pth", map_location="cpu", weights_only=True)
+    _, arch, ckpt = load_teacher(str(save_dir / "models" / "resnet56_vanilla" / "ckpt_epoch_240.pth"), None, 100)
+    assert arch == "resnet56" and ckpt["accuracy"] == src["accuracy"]
+    if source == SHARED_TEACHERS:
+        assert ckpt["accuracy"] == pytest.approx(72.61)  # the shared resnet56 (../shared/teachers/README.md)
 
 
 def _newer(*methods: str, **env: str) -> dict[tuple[str, str], list[str]]:

@@ -265,11 +265,10 @@ def test_dot_refuses_fp16() -> None:
      "--distill wkd_l -r 1 -a 0 -b 1", "--distill kd -r 0.1 -a 0.9 -b 0 --dot"],
 )  # fmt: skip
 def test_tiny_cli_run(flags: str, tmp_path: Path) -> None:
-    from test_cli import SHARED, SMALL, only_folder, run
+    from shared_paths import teacher as shared_teacher
+    from test_cli import SMALL, only_folder, run
 
-    teacher = SHARED / "teachers" / "resnet56_vanilla" / "ckpt_epoch_240.pth"
-    if not teacher.is_file():
-        pytest.skip(f"shared teacher not found at {teacher}")
+    teacher = shared_teacher("resnet56")  # the trained one from ../shared, else a random-init one
     argv = ["--path_t", str(teacher), "--model_s", "resnet20", *flags.split(), "--trial", "1", *SMALL]
     run("train_student.py", *argv, "--save_dir", str(tmp_path), cwd=tmp_path)
     folder = only_folder(tmp_path / "student_model")

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from shared_paths import DATA
 from test_cli import SMALL, only_folder, run
 
 from dataset import DeviceLoader
@@ -176,4 +175,3 @@ def test_two_view_mlkd_run_completes(tmp_path) -> None:
     # CE summed over the two views of an untrained student: about 2 ln(100) = 9.2.
     assert 8.0 < row["loss_ce"] < 11.0
     assert row["train_loss"] == pytest.approx(0.1 * row["loss_ce"] + 0.9 * row["loss_mlkd"], rel=1e-4)
-    assert DATA.exists()
