@@ -144,7 +144,6 @@ def toy_method():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (DATA / "cifar-100-python").is_dir(), reason=f"CIFAR-100 not found at {DATA}")
 def test_a_method_declared_in_one_file_trains_through_the_cli(toy_method, tmp_path, one_thread):
     teacher = tmp_path / "resnet8_teacher.pth"
     torch.manual_seed(0)

@@ -185,7 +185,6 @@ def test_script_runs_fcfd_on_the_cifar_resnet_pairs_with_the_official_configs() 
 
 @pytest.mark.slow
 @pytest.mark.long
-@pytest.mark.skipif(not (DATA / "cifar-100-python").is_dir(), reason=f"CIFAR-100 not found at {DATA}")
 def test_cli_runs_fcfd_with_a_folded_teacher(repdistiller_teacher, tmp_path):  # noqa: F811
     # The default --fold_teacher_bn folds the engine's teacher; FCFD's own copy keeps its BatchNorms.
     argv = ["--path_t", str(repdistiller_teacher), "--distill", "fcfd", "--model_s", "resnet8x4", *SMALL]

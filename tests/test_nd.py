@@ -228,7 +228,6 @@ def test_recipes_and_published_numbers() -> None:
 
 @pytest.mark.slow
 @pytest.mark.long
-@pytest.mark.skipif(not (DATA / "cifar-100-python").is_dir(), reason=f"CIFAR-100 not found at {DATA}")
 @pytest.mark.parametrize(("command", "weight"), [("--distill kd -r 1 -a 1", "2"), ("--distill reviewkd -b 1", "1")])
 def test_cli_runs_a_base_method_plus_nd(command, weight, repdistiller_teacher, tmp_path):  # noqa: F811
     argv = ["--path_t", str(repdistiller_teacher), *command.split(), "--add", f"nd:{weight}", "--model_s", "ShuffleV1"]
