@@ -10,7 +10,6 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from shared_paths import DATA
 from test_cli import SMALL, only_folder, repdistiller_teacher, run  # noqa: F401 (a fixture)
 from test_scripts import commands, flag, run_script
 from torch import nn

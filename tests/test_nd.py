@@ -13,7 +13,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from shared_paths import DATA
 from test_cli import SMALL, only_folder, repdistiller_teacher, run  # noqa: F401 (a fixture)
 
 import distiller_zoo.ND as nd_module
