@@ -179,8 +179,9 @@ def baseline_data(args: argparse.Namespace, workers: int, benchmark: Any) -> tup
     images = data.train_images[train_idx].permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, C)
     nce_k = args.nce_k if args.distill == "crd" else None
     train_set = benchmark.CIFAR100Instance(images, data.train_labels[train_idx].tolist(), nce_k)
-    test_images = data.test_images.permute(0, 2, 3, 1).contiguous().numpy()
-    test_set = TestSet(test_images, data.test_labels.tolist(), CIFAR100_MEAN, CIFAR100_STD)
+    test_idx = split_indices(data.test_labels, args.test_size, 0, seed_of(args))[0] if args.test_size else slice(None)
+    test_images = data.test_images[test_idx].permute(0, 2, 3, 1).contiguous().numpy()
+    test_set = TestSet(test_images, data.test_labels[test_idx].tolist(), CIFAR100_MEAN, CIFAR100_STD)
     train = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=workers)
     test = DataLoader(test_set, batch_size=args.batch_size // 2, shuffle=False, num_workers=workers // 2)
     return train, test, len(train_set)
@@ -212,7 +213,9 @@ def baseline_models(args: argparse.Namespace, train_loader: Any, n_data: int, be
     w = loss_weights(args)
     objective = DistillObjective(student, teacher, distiller, w.gamma, w.alpha, w.beta, kd)
     optimizer = sgd([student, *distiller.trainable_modules(), kd], effective_lr(args, args.model_s), args)
-    run = SimpleNamespace(stages=[SimpleNamespace(objective=objective, optimizer=optimizer)], device=torch.device("cpu"))
+    run = SimpleNamespace(
+        stages=[SimpleNamespace(objective=objective, optimizer=optimizer)], device=torch.device("cpu")
+    )
     return benchmark.BaselineLoop(run, train_loader)
 
 
@@ -258,6 +261,8 @@ def child_args(opts: argparse.Namespace, method: str, save_dir: Path) -> list[st
         "--path_t", str(opts.path_t), "--model_s", opts.student, *COMMANDS[method], "--epochs", str(opts.epochs),
         "--train_size", str(opts.train_size), "--save_dir", str(save_dir),
     ]  # fmt: skip
+    if opts.test_size:  # smoke runs only: both processes evaluate on the same class-balanced test subset
+        argv += ["--test_size", str(opts.test_size)]
     if method == "crd" and opts.nce_k is not None:
         argv += ["--nce_k", str(opts.nce_k)]
     if opts.data_folder:
@@ -312,7 +317,8 @@ def summarise(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, 
 def report(results: dict, summary: dict, info: dict) -> str:
     lines = [
         f"whole-process seconds per round ({info['rounds']} rounds), {info['student']} <- {info['teacher']}, "
-        f"{info['train_size']} training images, threads {info['threads']}, baseline workers {info['workers']}, "
+        f"{info['train_size']} training and {info['test_size']} test images, threads {info['threads']}, "
+        f"baseline workers {info['workers']}, "
         f"load average {info['load_average']} -> {info['load_average_end']}",
         "",
         "| method | ours s | baseline s | baseline / ours (median of rounds) |",
@@ -338,6 +344,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model_s", dest="student", default="resnet20")
     p.add_argument("--train_size", type=int, default=5000)
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--test_size", type=int, default=None, help="a test subset (smoke runs; default: all 10,000)")
     p.add_argument("--nce_k", type=int, default=None, help="CRD negatives (default: train_student's, 16384)")
     p.add_argument("--data_folder", default=None, help="CIFAR-100 root (default: $CIFAR100_ROOT, else ./data)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of both processes (default: torch's)")
@@ -352,7 +359,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = sorted(set(opts.methods) - set(COMMANDS))
     if unknown:
         p.error(f"unknown methods {unknown}; valid: {', '.join(COMMANDS)}")
-    for name in ("rounds", "train_size", "epochs", "nce_k", "threads"):
+    for name in ("rounds", "train_size", "test_size", "epochs", "nce_k", "threads"):
         value = getattr(opts, name)
         if value is not None and value < 1:
             p.error(f"--{name} must be positive, got {value}")
@@ -378,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": opts.rounds, "student": opts.student, "teacher": str(opts.path_t),
         "train_size": opts.train_size, "threads": opts.threads or "torch default", "workers": opts.workers,
         "cpu_count": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
-        "passive_baseline": opts.passive_baseline, "nce_k": opts.nce_k or 16384,
+        "passive_baseline": opts.passive_baseline, "nce_k": opts.nce_k or 16384, "test_size": opts.test_size or 10000,
     }  # fmt: skip
     results = measure(opts)
     info["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
