@@ -280,8 +280,9 @@ def environments(opts: argparse.Namespace) -> dict[str, dict[str, str]]:
     return {"ours": env, "baseline": base}
 
 
-def measure(opts: argparse.Namespace) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """``results[method][kind]``: one entry per round; ours then the baseline within each round."""
+def measure(opts: argparse.Namespace, info: dict[str, Any]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """``results[method][kind]``: one entry per round; ours then the baseline within each round. With ``--json``,
+    the file is rewritten after every process (a long run stopped early keeps its finished rounds)."""
     envs = environments(opts)
     results = {m: {"ours": [], "baseline": []} for m in opts.methods}
     for r in range(opts.rounds):
@@ -291,6 +292,8 @@ def measure(opts: argparse.Namespace) -> dict[str, dict[str, list[dict[str, Any]
                     res = spawn(kind, child_args(opts, method, Path(tmp) / "save"), envs[kind], Path(tmp))
                 results[method][kind].append(res)
                 print(f"round {r + 1}/{opts.rounds} {method} {kind}: {res['whole']:.1f} s", file=sys.stderr)
+                if opts.json:
+                    Path(opts.json).write_text(json.dumps({"info": info, "results": results}, indent=2))
     return results
 
 
@@ -380,6 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("_ours", "_baseline"):
         return (child_ours if argv[0] == "_ours" else child_baseline)(argv[1], argv[2:])
+    if argv[:1] == ["--from_json"]:  # the tables of an earlier (possibly stopped) run's --json file
+        payload = json.loads(Path(argv[1]).read_text())
+        payload["info"].setdefault("load_average_end", "(stopped)")
+        print(report(payload["results"], summarise(payload["results"]), payload["info"]))
+        return 0
     opts = parse_args(argv)
     info = {
         "rounds": opts.rounds, "student": opts.student, "teacher": str(opts.path_t),
@@ -387,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
         "passive_baseline": opts.passive_baseline, "nce_k": opts.nce_k or 16384, "test_size": opts.test_size or 10000,
     }  # fmt: skip
-    results = measure(opts)
+    results = measure(opts, info)
     info["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     summary = summarise(results)
     print(report(results, summary, info))
