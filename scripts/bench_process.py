@@ -320,7 +320,7 @@ def summarise(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, 
 def report(results: dict, summary: dict, info: dict) -> str:
     lines = [
         f"whole-process seconds per round ({info['rounds']} rounds), {info['student']} <- {info['teacher']}, "
-        f"{info['train_size']} training and {info['test_size']} test images, threads {info['threads']}, "
+        f"{info['train_size']} training and {info.get('test_size', 10000)} test images, threads {info['threads']}, "
         f"baseline workers {info['workers']}, "
         f"load average {info['load_average']} -> {info['load_average_end']}",
         "",

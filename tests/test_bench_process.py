@@ -57,3 +57,5 @@ def test_one_tiny_round_of_kd_and_crd_reports_every_phase(tmp_path, monkeypatch,
         assert summary["ratio"] == pytest.approx(base / ours)
     printed = capsys.readouterr().out
     assert "| kd | ours |" in printed and "| crd | baseline |" in printed
+    assert bench_process.main(["--from_json", str(out)]) == 0  # the same tables, reprinted from the file
+    assert capsys.readouterr().out.strip() == printed.strip()
