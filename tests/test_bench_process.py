@@ -26,6 +26,10 @@ def test_median_and_bad_flags(capsys):
         with pytest.raises(SystemExit):
             bench_process.parse_args([*argv, "--path_t", str(TEACHER)])
         assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # 5,000 images: 4,950 negatives per class, fewer than CRD's default 16,384
+        bench_process.parse_args(["--methods", "crd", "--path_t", str(TEACHER)])
+    assert "--nce_k 16384 exceeds the 4950 negatives" in capsys.readouterr().err
+    assert bench_process.parse_args(["--methods", "crd", "--nce_k", "4950", "--path_t", str(TEACHER)]).nce_k == 4950
     with pytest.raises(SystemExit):
         bench_process.parse_args(["--path_t", "/nonexistent/ckpt.pth"])
     assert "teacher checkpoint not found" in capsys.readouterr().err
@@ -37,8 +41,8 @@ def test_one_tiny_round_of_kd_and_crd_reports_every_phase(tmp_path, monkeypatch,
         pytest.fail(f"the shared teacher {TEACHER} and CIFAR-100 in {DATA} are needed")
     monkeypatch.setenv("CIFAR100_ROOT", str(DATA))
     out = tmp_path / "bench.json"
-    argv = ["--rounds", "1", "--train_size", "200", "--test_size", "100", "--nce_k", "64", "--threads", "1",
-            "--workers", "1", "--path_t", str(TEACHER), "--json", str(out)]  # fmt: skip
+    argv = ["--methods", "kd,crd", "--rounds", "1", "--train_size", "200", "--test_size", "100", "--nce_k", "64",
+            "--threads", "1", "--workers", "1", "--path_t", str(TEACHER), "--json", str(out)]  # fmt: skip
     assert bench_process.main(argv) == 0
     payload = json.loads(out.read_text())
     assert set(payload["results"]) == {"kd", "crd"}
