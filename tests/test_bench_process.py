@@ -7,13 +7,13 @@ import json
 import math
 
 import pytest
-from shared_paths import DATA, ROOT, SHARED
+from shared_paths import DATA, ROOT, teacher
 
 spec = importlib.util.spec_from_file_location("bench_process", ROOT / "scripts" / "bench_process.py")
 bench_process = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench_process)
 
-TEACHER = SHARED / "teachers" / "resnet56_vanilla" / "ckpt_epoch_240.pth"
+TEACHER = teacher("resnet56")  # the trained one of ../shared, else a random-init one (speed only)
 ALL = (*bench_process.PHASES, "other")
 
 
@@ -36,9 +36,8 @@ def test_median_and_bad_flags(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # a minute of two whole processes: make test-all runs it
 def test_one_tiny_round_of_kd_and_crd_reports_every_phase(tmp_path, monkeypatch, capsys):
-    if not TEACHER.is_file() or not (DATA / "cifar-100-python").is_dir():
-        pytest.fail(f"the shared teacher {TEACHER} and CIFAR-100 in {DATA} are needed")
     monkeypatch.setenv("CIFAR100_ROOT", str(DATA))
     out = tmp_path / "bench.json"
     argv = ["--methods", "kd,crd", "--rounds", "1", "--train_size", "200", "--test_size", "100", "--nce_k", "64",
