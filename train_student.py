@@ -33,6 +33,7 @@ from helper.fold import fold_batchnorm
 from helper.folder import prepare_folder
 from helper.optim import lr_schedule, seed_everything, sgd
 from helper.options import (
+    LossWeights,
     UsageError,
     effective_lr,
     loss_weights,
@@ -62,11 +63,12 @@ class Pair:
 
 @dataclass
 class Methods:
-    """The ``--distill`` method, the ``--add`` methods, and the KD term, once built."""
+    """The ``--distill`` method and the ``--add`` methods, once built, with the loss weights."""
 
     distiller: Distiller
     added: AddedMethods
     spec: list[tuple[str, float]]  # --add: [(method, weight)]
+    weights: LossWeights  # gamma (CE), alpha (KD), beta (the --distill method)
 
 
 def build(args: argparse.Namespace) -> Run:
@@ -93,6 +95,7 @@ def build(args: argparse.Namespace) -> Run:
         dist.batchnorm(method(pair.s_shapes, pair.t_shapes, args, data.n_data), args.sync_bn, device),
         dist.batchnorm(AddedMethods(spec, pair.s_shapes, pair.t_shapes, args, data.n_data), args.sync_bn, device),
         spec,
+        loss_weights(args),
     )
     teacher, student = place_models(args, pair, methods, dist, device)
     prepare_methods(args, methods, student, teacher, data, folder, device)
@@ -101,14 +104,15 @@ def build(args: argparse.Namespace) -> Run:
     teacher_acc = evaluate_teacher(args, arch_t, teacher, data, precision, device)
     lr = effective_lr(args, args.model_s)
     log_start(args, lr, methods)
+    deployed = methods.distiller.deploy(student)  # the evaluated network when it is not the student (SimKD)
     return Run(
         args=args, method=args.distill, kind="student", folder=folder, device=device, precision=precision,
         seed=seed, model=student, arch=args.model_s, stages=build_stages(args, lr, student, teacher, methods, kd),
         train_loader=data.train_loader, test_loader=data.test_loader, val_loader=data.val_loader,
         extra_state={"distiller": methods.distiller, "kd_term": kd, **({"added": methods.added} if spec else {})},
-        eval_model=methods.distiller.deploy(student),
-        summary=summary_of(args, lr, arch_t, teacher_acc["acc"], student, methods, data.n_data),
-        config={"model_t": arch_t, "lr": lr, "seed": seed, "weights": asdict(loss_weights(args))},
+        eval_model=deployed,
+        summary=summary_of(args, lr, arch_t, teacher_acc["acc"], deployed or student, methods, data.n_data),
+        config={"model_t": arch_t, "lr": lr, "seed": seed, "weights": asdict(methods.weights)},
         resume_path=resume_path, dist=dist,
     )  # fmt: skip
 
@@ -163,7 +167,7 @@ def build_stages(
 ) -> list[Stage]:
     """The main stage, preceded by the method's init stage when it has one. Every epoch first puts the method
     in its stage (a resumed run too), then runs the per-epoch schedules (warm-ups, learned temperatures)."""
-    distiller, added, weights = methods.distiller, methods.added, loss_weights(args)
+    distiller, added, weights = methods.distiller, methods.added, methods.weights
 
     def begin(stage: str, modules: tuple) -> Callable[[int], None]:
         def hook(epoch: int) -> None:
@@ -208,7 +212,7 @@ def evaluate_teacher(
 
 
 def log_start(args: argparse.Namespace, lr: float, methods: Methods) -> None:
-    weights = loss_weights(args)
+    weights = methods.weights
     log.info(
         "student %s, method %s: gamma %g alpha %g beta %g, lr %g%s%s",
         args.model_s, args.distill, weights.gamma, weights.alpha, weights.beta, lr,
@@ -218,11 +222,11 @@ def log_start(args: argparse.Namespace, lr: float, methods: Methods) -> None:
 
 
 def summary_of(
-    args: argparse.Namespace, lr: float, arch_t: str, teacher_acc: float | None, student: nn.Module,
+    args: argparse.Namespace, lr: float, arch_t: str, teacher_acc: float | None, deployed: nn.Module,
     methods: Methods, n_data: int,
 ) -> dict:  # fmt: skip
-    weights, adapters = loss_weights(args), [*methods.distiller.trainable_modules(), *methods.added.trainable_modules()]
-    deployed = methods.distiller.deploy(student) or student
+    """``deployed``: the evaluated network (the student, or what the method deploys in its place)."""
+    weights, adapters = methods.weights, [*methods.distiller.trainable_modules(), *methods.added.trainable_modules()]
     return {
         "method": args.distill, "model_s": args.model_s, "model_t": arch_t, "teacher_acc": teacher_acc,
         "teacher_path": args.path_t, "gamma": weights.gamma, "alpha": weights.alpha, "beta": weights.beta,
