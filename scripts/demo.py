@@ -50,8 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--teacher", default="resnet20", help="teacher architecture, a trained checkpoint (default resnet20)")
     add("--student", default="resnet8", help="student architecture (default resnet8, 0.08 M params)")
-    add("--epochs", type=int, default=5, help="epochs per run (default 5)")
-    add("--train_size", type=int, default=4000, help="class-balanced training images (default 4000)")
+    add("--epochs", type=int, default=100, help="epochs per run (default 100)")
+    add("--train_size", type=int, default=200, help="class-balanced training images, a multiple of 100 (default 200)")
     add("--batch_size", type=int, default=32, help="training batch (default 32; RepDistiller: 64)")
     add("--methods", default="kd dkd crd", help="recipes (helper/published/recipes.csv) besides vanilla, each with its "
         f"weights on {':'.join(RECIPE_PAIR)} (default: 'kd dkd crd')")  # fmt: skip
@@ -61,8 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--fresh", action="store_true", help="delete the output folder first")
     args = parser.parse_args(argv)
     args.seed_list = [int(s) for s in args.seeds.split()]
-    if len(args.seed_list) < 2 or args.jobs < 1 or args.epochs < 1 or args.train_size < 100:
-        parser.error("need at least 2 seeds, --jobs >= 1, --epochs >= 1 and --train_size >= 100")
+    if len(args.seed_list) < 2 or args.jobs < 1 or args.epochs < 1 or args.train_size < 100 or args.train_size % 100:
+        parser.error("need at least 2 seeds, --jobs >= 1, --epochs >= 1 and --train_size a multiple of the 100 classes")
     unknown = [m for m in args.methods.split() if m not in recipes.methods() or recipes.skipped(m, *RECIPE_PAIR)]
     if unknown:
         parser.error(f"--methods: no recipe {' '.join(unknown)} on {':'.join(RECIPE_PAIR)}; valid: "

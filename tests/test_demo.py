@@ -159,6 +159,9 @@ def test_bad_demo_flags_are_refused_in_one_line(tmp_path: Path, capsys):
     with pytest.raises(SystemExit):
         demo.parse_args(["--seeds", "0"])
     assert "need at least 2 seeds" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--train_size", "250"])  # not class-balanced: train_student.py would refuse it later
+    assert "multiple of the 100 classes" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------
