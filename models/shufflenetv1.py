@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import FeatureOutput, PreactBlock, channel_shuffle, run_stage
+from .common import FeatureOutput, PreactBlock, channel_shuffle, check_start, run_stage
 
 
 class Bottleneck(PreactBlock):
@@ -108,6 +108,25 @@ class ShuffleNet(nn.Module):
         logits = self.linear(x)
         return FeatureOutput(feats, logits) if is_feat else logits
 
+
+    def forward_from(
+        self, x: Tensor, start: int, is_feat: bool = False, preact: bool = False
+    ) -> Tensor | FeatureOutput:
+        """The rest of the network from feature ``start`` (0: the stem, 1-3: a stage), given after its ReLU
+        (``forward(., is_feat=True).feats[start]``) or before it (``preact=True``'s feature: the ReLU comes first,
+        as in the official FCFD's ``ShuffleNetv1.py``, whose units open with it): logits, or with ``is_feat`` the
+        later stages' outputs (before their ReLU with ``preact``), the pooled vector and the logits.
+        Parameter-free; skips ``pre_pool``."""
+        check_start(start, len(self.stages()))
+        x = F.relu(x)
+        feats = []
+        for stage in self.stages()[start:]:
+            x, feat = run_stage(stage, x, preact)  # x: after the ReLU
+            feats.append(feat)
+        x = F.avg_pool2d(x, 4).flatten(1)  # (B, 960)
+        feats.append(x)
+        logits = self.linear(x)
+        return FeatureOutput(feats, logits) if is_feat else logits
 
 def ShuffleV1(num_classes: int = 100) -> ShuffleNet:
     return ShuffleNet((240, 480, 960), (4, 8, 4), groups=3, num_classes=num_classes)
