@@ -120,7 +120,6 @@ class MobileNetV2(nn.Module):
         logits = self.classifier(x)
         return FeatureOutput(feats, logits) if is_feat else logits
 
-
     def forward_from(
         self, x: Tensor, start: int, is_feat: bool = False, preact: bool = False
     ) -> Tensor | FeatureOutput:
@@ -148,6 +147,7 @@ class MobileNetV2(nn.Module):
         conv, bn, _ = self.conv2
         out = bn(conv(x))  # (B, 1280, H, W)
         return out if preact else F.relu(out)
+
 
 def mobile_half(num_classes: int = 100) -> MobileNetV2:
     """MobileNetV2 with T = 6 and width 0.5, RepDistiller's ``MobileNetV2`` student."""

@@ -101,7 +101,6 @@ class ResNet(nn.Module):
         logits = self.linear(x)
         return FeatureOutput(feats, logits) if is_feat else logits
 
-
     def forward_from(
         self, x: Tensor, start: int, is_feat: bool = False, preact: bool = False
     ) -> Tensor | FeatureOutput:
@@ -118,6 +117,7 @@ class ResNet(nn.Module):
         feats.append(x)
         logits = self.linear(x)
         return FeatureOutput(feats, logits) if is_feat else logits
+
 
 def make_stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
     """``blocks`` Bottlenecks; the first one changes the width and resolution."""

@@ -108,7 +108,6 @@ class ShuffleNet(nn.Module):
         logits = self.linear(x)
         return FeatureOutput(feats, logits) if is_feat else logits
 
-
     def forward_from(
         self, x: Tensor, start: int, is_feat: bool = False, preact: bool = False
     ) -> Tensor | FeatureOutput:
@@ -127,6 +126,7 @@ class ShuffleNet(nn.Module):
         feats.append(x)
         logits = self.linear(x)
         return FeatureOutput(feats, logits) if is_feat else logits
+
 
 def ShuffleV1(num_classes: int = 100) -> ShuffleNet:
     return ShuffleNet((240, 480, 960), (4, 8, 4), groups=3, num_classes=num_classes)

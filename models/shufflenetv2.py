@@ -150,7 +150,6 @@ class ShuffleNetV2(nn.Module):
         logits = self.linear(x)
         return FeatureOutput(feats, logits) if is_feat else logits
 
-
     def forward_from(
         self, x: Tensor, start: int, is_feat: bool = False, preact: bool = False
     ) -> Tensor | FeatureOutput:
@@ -174,6 +173,7 @@ class ShuffleNetV2(nn.Module):
         ``x`` (the official FCFD's last stage output, ``stage_forward(3, .)``); before the ReLU with ``preact``."""
         out = self.bn2(self.conv2(x))
         return out if preact else F.relu(out)
+
 
 def ShuffleV2(num_classes: int = 100, shuffle_preact: bool = False) -> ShuffleNetV2:
     return ShuffleNetV2(net_size=1, num_classes=num_classes, shuffle_preact=shuffle_preact)

@@ -92,7 +92,6 @@ class VGG(nn.Module):
         logits = self.classifier(x)
         return FeatureOutput(feats, logits) if is_feat else logits
 
-
     def forward_from(
         self, x: Tensor, start: int, is_feat: bool = False, preact: bool = False
     ) -> Tensor | FeatureOutput:
@@ -116,6 +115,7 @@ class VGG(nn.Module):
         feats.append(x)
         logits = self.classifier(x)
         return FeatureOutput(feats, logits) if is_feat else logits
+
 
 def vgg8(num_classes: int = 100) -> VGG:
     return VGG(CONFIGS["S"], num_classes=num_classes)

@@ -128,7 +128,6 @@ class WideResNet(nn.Module):
         logits = self.fc(x)
         return FeatureOutput(feats, logits) if is_feat else logits
 
-
     def forward_from(
         self, x: Tensor, start: int, is_feat: bool = False, preact: bool = False
     ) -> Tensor | FeatureOutput:
@@ -154,6 +153,7 @@ class WideResNet(nn.Module):
         ``preact`` (the official FCFD's last stage output, ``wrn.py`` ``stage_forward(3, .)``)."""
         normed = self.bn1(x)
         return normed if preact else F.relu(normed)
+
 
 def wrn_16_1(num_classes: int = 100) -> WideResNet:
     return WideResNet(16, num_classes, widen_factor=1)
