@@ -325,3 +325,30 @@ def test_cli_runs_fcfd_with_a_folded_teacher(repdistiller_teacher, tmp_path):  #
     (main,) = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert {"loss_ce", "loss_kd", "loss_fcfd"} <= set(main) and main["loss_fcfd"] > 0, main
     assert all(math.isfinite(main[k]) for k in main if k.startswith("loss_"))
+
+
+# One pair per family new to FCFD (teacher -> student), each family on the side it takes in a published pair.
+CLI_PAIRS = [
+    ("wrn_16_2", "wrn_16_1"),
+    ("vgg8", "MobileNetV2"),
+    ("ResNet50", "MobileNetV2"),
+    ("wrn_16_2", "ShuffleV1"),
+    ("resnet8x4", "ShuffleV2"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.long
+@pytest.mark.parametrize(("teacher", "student"), CLI_PAIRS, ids=[f"{t}-{s}" for t, s in CLI_PAIRS])
+def test_cli_trains_fcfd_on_every_family(teacher: str, student: str, tmp_path) -> None:
+    """Two steps of 50 images with a random-init teacher (RepDistiller's checkpoint layout), its BatchNorms
+    folded: the FCFD term is finite and positive."""
+    path = tmp_path / "save" / "models" / f"{teacher}_vanilla" / "ckpt_epoch_240.pth"
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save({"model": models.create_model(teacher).state_dict(), "epoch": 240}, path)
+    argv = ["--path_t", str(path), "--distill", "fcfd", "--model_s", student, *SMALL, "--batch_size", "50"]
+    run("train_student.py", *argv, "--save_dir", str(tmp_path), cwd=tmp_path)
+    folder = only_folder(tmp_path / "student_model")
+    (main,) = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert main["loss_fcfd"] > 0 and all(math.isfinite(main[k]) for k in main if k.startswith("loss_")), main
