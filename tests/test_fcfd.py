@@ -352,3 +352,11 @@ def test_cli_trains_fcfd_on_every_family(teacher: str, student: str, tmp_path) -
     folder = only_folder(tmp_path / "student_model")
     (main,) = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert main["loss_fcfd"] > 0 and all(math.isfinite(main[k]) for k in main if k.startswith("loss_")), main
+
+
+def test_an_added_feature_method_is_refused_where_fcfd_reads_pre_activations() -> None:
+    cls, vgg, resnet = get_method("fcfd"), models.create_model("vgg8"), models.create_model("resnet8")
+    with pytest.raises(PairError, match=r"^fcfd: --add pkt cannot share .* pre-activation stage features of VGG$"):
+        cls.check_models(resnet, vgg, default_args(add=["pkt"]))
+    cls.check_models(resnet, vgg, default_args(add=["nd"]))  # reads the pooled vector only: the same either way
+    cls.check_models(resnet, models.create_model("resnet14"), default_args(add=["pkt"]))  # post-activation both
