@@ -3,6 +3,8 @@
 * :class:`FeatureOutput`, what every model returns for ``is_feat=True``;
 * :class:`PreactBlock` and :func:`run_stage`, how a model taps the tensor before a stage's final ReLU
   (RepDistiller's ``preact=True`` features) without computing anything twice;
+* :func:`check_start`, the argument check of every model's ``forward_from`` (the rest of the network from a
+  feature);
 * :func:`channel_shuffle` (both ShuffleNets) and :func:`he_normal_init_` (ResNets, WRN, VGG, MobileNetV2).
 """
 
@@ -63,6 +65,12 @@ def run_stage(stage: nn.Sequential, x: Tensor, preact: bool) -> tuple[Tensor, Te
         x = block(x)
     pre = last(x, preact=True)
     return last.activate(pre), pre
+
+
+def check_start(start: int, n_stages: int) -> None:
+    """``forward_from``'s ``start``: a feature index, 0 (the stem) to ``n_stages`` (the last stage)."""
+    if not 0 <= start <= n_stages:
+        raise ValueError(f"forward_from: start must be a feature index in 0..{n_stages}, got {start}")
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:

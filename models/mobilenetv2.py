@@ -9,9 +9,10 @@ RepDistiller's ``models/mobilenetv2.py``; unlike it, nothing is printed on const
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import FeatureOutput, he_normal_init_
+from .common import FeatureOutput, check_start, he_normal_init_
 
 
 def conv_bn_relu(inp: int, oup: int, kernel_size: int, stride: int) -> nn.Sequential:
@@ -55,6 +56,8 @@ class MobileNetV2(nn.Module):
     (BN plus, where shapes allow, the block input) that no ReLU follows, so there is no pre-activation to
     tap.
     """
+
+    STAGE_ENDS = (1, 2, 4, 6)  # the block groups whose outputs are the stage features
 
     def __init__(self, T: int, num_classes: int = 100, input_size: int = 32, width_mult: float = 1.0):
         super().__init__()
@@ -110,12 +113,40 @@ class MobileNetV2(nn.Module):
         feats = [x]
         for i, group in enumerate(self.blocks):
             x = group(x)
-            if i in (1, 2, 4, 6):  # (B, 12, 16, 16), (B, 16, 8, 8), (B, 48, 4, 4), (B, 160, 2, 2)
+            if i in self.STAGE_ENDS:  # (B, 12, 16, 16), (B, 16, 8, 8), (B, 48, 4, 4), (B, 160, 2, 2)
                 feats.append(x)
         x = self.avgpool(self.pre_pool(self.conv2(x))).flatten(1)  # (B, 1280)
         feats.append(x)
         logits = self.classifier(x)
         return FeatureOutput(feats, logits) if is_feat else logits
+
+    def forward_from(
+        self, x: Tensor, start: int, is_feat: bool = False, preact: bool = False
+    ) -> Tensor | FeatureOutput:
+        """The rest of the network from feature ``start`` (0: the stem, 1-4: the output of block group 1, 2, 4
+        or 6, as ``forward(., is_feat=True).feats[start]``): logits, or with ``is_feat`` the later stage features,
+        the pooled vector and the logits (``preact`` ignored, as in ``forward``). The stages are the official
+        FCFD's (``mobilenetv2.py`` ``stage_forward``: groups 0-1, 2, 3-4, 5-6), but its last one ends after
+        ``conv2``'s BN (:meth:`head`). Parameter-free; skips ``pre_pool``."""
+        del preact
+        check_start(start, len(self.STAGE_ENDS))
+        first = 0 if start == 0 else self.STAGE_ENDS[start - 1] + 1
+        feats = []
+        for i in range(first, len(self.blocks)):
+            x = self.blocks[i](x)
+            if i in self.STAGE_ENDS:
+                feats.append(x)
+        x = self.avgpool(self.conv2(x)).flatten(1)  # (B, 1280)
+        feats.append(x)
+        logits = self.classifier(x)
+        return FeatureOutput(feats, logits) if is_feat else logits
+
+    def head(self, x: Tensor, preact: bool = False) -> Tensor:
+        """The map the classifier pools, ``conv2(x)`` (1x1 conv, BN, ReLU), from the last stage feature ``x``;
+        before the ReLU with ``preact`` (the official FCFD's last stage output, ``stage_forward(4, .)``)."""
+        conv, bn, _ = self.conv2
+        out = bn(conv(x))  # (B, 1280, H, W)
+        return out if preact else F.relu(out)
 
 
 def mobile_half(num_classes: int = 100) -> MobileNetV2:

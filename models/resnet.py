@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import FeatureOutput, PreactBlock, he_normal_init_, run_stage
+from .common import FeatureOutput, PreactBlock, check_start, he_normal_init_, run_stage
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -101,19 +101,20 @@ class ResNet(nn.Module):
         logits = self.fc(x)
         return FeatureOutput(feats, logits) if is_feat else logits
 
-    def forward_from(self, x: Tensor, start: int, is_feat: bool = False) -> Tensor | FeatureOutput:
+    def forward_from(
+        self, x: Tensor, start: int, is_feat: bool = False, preact: bool = False
+    ) -> Tensor | FeatureOutput:
         """The rest of the network from feature ``start`` (0: the stem, 1-3: a stage; post-activation, as
         ``forward(., is_feat=True).feats[start]``): the later stages and the classifier on ``x``, for methods
         that pass another network's features through this one (FCFD). Logits, or with ``is_feat`` the later
-        stages' outputs, the pooled vector and the logits. Parameter-free; skips ``pre_pool`` so that a hook on
-        it (SDD) sees only the model's own forward."""
+        stages' outputs (before their ReLU with ``preact``, as ``forward``), the pooled vector and the logits.
+        Parameter-free; skips ``pre_pool`` so that a hook on it (SDD) sees only the model's own forward."""
         stages = (self.layer1, self.layer2, self.layer3)
-        if not 0 <= start <= len(stages):
-            raise ValueError(f"forward_from: start must be a feature index in 0..{len(stages)}, got {start}")
+        check_start(start, len(stages))
         feats = []
         for stage in stages[start:]:
-            x = stage(x)
-            feats.append(x)
+            x, feat = run_stage(stage, x, preact)
+            feats.append(feat)
         x = self.avgpool(x).flatten(1)  # (B, c3)
         feats.append(x)
         logits = self.fc(x)

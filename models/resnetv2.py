@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import FeatureOutput, PreactBlock, he_normal_init_, run_stage
+from .common import FeatureOutput, PreactBlock, check_start, he_normal_init_, run_stage
 
 
 class Bottleneck(PreactBlock):
@@ -97,6 +97,23 @@ class ResNet(nn.Module):
             x, feat = run_stage(stage, x, preact)  # (B, 256, 32, 32) ... (B, 2048, 4, 4)
             feats.append(feat)
         x = self.avgpool(self.pre_pool(x)).flatten(1)  # (B, 2048)
+        feats.append(x)
+        logits = self.linear(x)
+        return FeatureOutput(feats, logits) if is_feat else logits
+
+    def forward_from(
+        self, x: Tensor, start: int, is_feat: bool = False, preact: bool = False
+    ) -> Tensor | FeatureOutput:
+        """The rest of the network from feature ``start`` (0: the stem, 1-4: a stage; post-activation, as
+        ``forward(., is_feat=True).feats[start]``): logits, or with ``is_feat`` the later stages' outputs (before
+        their ReLU with ``preact``), the pooled vector and the logits. Parameter-free; skips ``pre_pool``.
+        The official FCFD's stages (``resnetv2.py`` ``stage_forward``, ``stage_input = "afterrelu"``) are these."""
+        check_start(start, len(self.stages()))
+        feats = []
+        for stage in self.stages()[start:]:
+            x, feat = run_stage(stage, x, preact)
+            feats.append(feat)
+        x = self.avgpool(x).flatten(1)  # (B, 2048)
         feats.append(x)
         logits = self.linear(x)
         return FeatureOutput(feats, logits) if is_feat else logits

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import FeatureOutput, PreactBlock, channel_shuffle, run_stage
+from .common import FeatureOutput, PreactBlock, channel_shuffle, check_start, run_stage
 
 
 class Bottleneck(PreactBlock):
@@ -104,6 +104,25 @@ class ShuffleNet(nn.Module):
             x, feat = run_stage(stage, x, preact)  # (B, 240, 16, 16), (B, 480, 8, 8), (B, 960, 4, 4)
             feats.append(feat)
         x = F.avg_pool2d(self.pre_pool(x), 4).flatten(1)  # (B, 960)
+        feats.append(x)
+        logits = self.linear(x)
+        return FeatureOutput(feats, logits) if is_feat else logits
+
+    def forward_from(
+        self, x: Tensor, start: int, is_feat: bool = False, preact: bool = False
+    ) -> Tensor | FeatureOutput:
+        """The rest of the network from feature ``start`` (0: the stem, 1-3: a stage), given after its ReLU
+        (``forward(., is_feat=True).feats[start]``) or before it (``preact=True``'s feature: the ReLU comes first,
+        as in the official FCFD's ``ShuffleNetv1.py``, whose units open with it): logits, or with ``is_feat`` the
+        later stages' outputs (before their ReLU with ``preact``), the pooled vector and the logits.
+        Parameter-free; skips ``pre_pool``."""
+        check_start(start, len(self.stages()))
+        x = F.relu(x)
+        feats = []
+        for stage in self.stages()[start:]:
+            x, feat = run_stage(stage, x, preact)  # x: after the ReLU
+            feats.append(feat)
+        x = F.avg_pool2d(x, 4).flatten(1)  # (B, 960)
         feats.append(x)
         logits = self.linear(x)
         return FeatureOutput(feats, logits) if is_feat else logits

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import FeatureOutput, PreactBlock, channel_shuffle, run_stage
+from .common import FeatureOutput, PreactBlock, channel_shuffle, check_start, run_stage
 
 # Stage widths and the last 1x1 conv's width, per size (paper, Table 5).
 CONFIGS: dict[float, dict[str, tuple[int, ...]]] = {
@@ -149,6 +149,30 @@ class ShuffleNetV2(nn.Module):
         feats.append(x)
         logits = self.linear(x)
         return FeatureOutput(feats, logits) if is_feat else logits
+
+    def forward_from(
+        self, x: Tensor, start: int, is_feat: bool = False, preact: bool = False
+    ) -> Tensor | FeatureOutput:
+        """The rest of the network from feature ``start`` (0: the stem, 1-3: a stage; post-activation, as
+        ``forward(., is_feat=True).feats[start]``): logits, or with ``is_feat`` the later stages' outputs
+        (``preact`` as in ``forward``), the pooled vector and the logits. The stages are the official FCFD's
+        (``ShuffleNetv2.py`` ``stage_forward``), but its last one ends after ``conv2``/``bn2`` and their ReLU
+        (:meth:`head`). Parameter-free; skips ``pre_pool``."""
+        check_start(start, len(self.stages()))
+        feats = []
+        for stage in self.stages()[start:]:
+            x, feat = run_stage(stage, x, preact)
+            feats.append(channel_shuffle(feat, 2) if preact and self.shuffle_preact else feat)
+        x = F.avg_pool2d(self.head(x), 4).flatten(1)  # (B, 1024)
+        feats.append(x)
+        logits = self.linear(x)
+        return FeatureOutput(feats, logits) if is_feat else logits
+
+    def head(self, x: Tensor, preact: bool = False) -> Tensor:
+        """The map the classifier pools, ``relu(bn2(conv2(x)))`` (B, 1024, 4, 4), from the last stage's output
+        ``x`` (the official FCFD's last stage output, ``stage_forward(3, .)``); before the ReLU with ``preact``."""
+        out = self.bn2(self.conv2(x))
+        return out if preact else F.relu(out)
 
 
 def ShuffleV2(num_classes: int = 100, shuffle_preact: bool = False) -> ShuffleNetV2:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import FeatureOutput, he_normal_init_
+from .common import FeatureOutput, check_start, he_normal_init_
 
 # Output channels of the convs in each of the five blocks.
 CONFIGS: dict[str, tuple[tuple[int, ...], ...]] = {
@@ -88,6 +88,30 @@ class VGG(nn.Module):
             x = F.relu(pre)
             feats.append(pre if preact else x)
         x = self.pool4(self.pre_pool(x)).flatten(1)  # (B, 512)
+        feats.append(x)
+        logits = self.classifier(x)
+        return FeatureOutput(feats, logits) if is_feat else logits
+
+    def forward_from(
+        self, x: Tensor, start: int, is_feat: bool = False, preact: bool = False
+    ) -> Tensor | FeatureOutput:
+        """The rest of the network from feature ``start`` (0: block0, 1-4: blocks 1-4), given after its ReLU
+        (``forward(., is_feat=True).feats[start]``) or before it (``preact=True``'s feature: the ReLU comes first,
+        as in the official FCFD's ``vgg.py`` ``stage_forward``): logits, or with ``is_feat`` the later blocks'
+        outputs (before their ReLU with ``preact``), the pooled vector and the logits. ``pool3`` runs, as in
+        ``forward``, only for 64-pixel inputs (read from ``x``'s size). Parameter-free; skips ``pre_pool``."""
+        blocks = (self.block1, self.block2, self.block3, self.block4)
+        pools = (self.pool0, self.pool1, self.pool2, self.pool3)
+        check_start(start, len(blocks))
+        height = x.shape[2] << min(start, 3)  # the input's: a 2x2 max-pool after each of blocks 0-2
+        feats = []
+        for i in range(start, len(blocks)):
+            x = F.relu(x)
+            if i < 3 or height == 64:
+                x = pools[i](x)
+            x = blocks[i](x)
+            feats.append(x if preact else F.relu(x))
+        x = self.pool4(F.relu(x)).flatten(1)  # (B, 512)
         feats.append(x)
         logits = self.classifier(x)
         return FeatureOutput(feats, logits) if is_feat else logits

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import FeatureOutput, he_normal_init_
+from .common import FeatureOutput, check_start, he_normal_init_
 
 
 class BasicBlock(nn.Module):
@@ -127,6 +127,32 @@ class WideResNet(nn.Module):
         feats.append(x)
         logits = self.fc(x)
         return FeatureOutput(feats, logits) if is_feat else logits
+
+    def forward_from(
+        self, x: Tensor, start: int, is_feat: bool = False, preact: bool = False
+    ) -> Tensor | FeatureOutput:
+        """The rest of the network from feature ``start`` (0: conv1's output, 1-3: a group's output, the raw
+        residual stream ``forward(., is_feat=True).feats[start]``): logits, or with ``is_feat`` the later groups'
+        outputs, the pooled vector and the logits. With ``preact`` the outputs are the BNs that read them, each
+        computed once (``--wrn_preact_bn once``). Parameter-free; skips ``pre_pool``."""
+        groups = (self.block1, self.block2, self.block3)
+        check_start(start, len(groups))
+        feats, bns = [], self.get_bn_before_relu()
+        normed = self.bn1(x) if start == len(groups) else None  # the BN that opens the next group
+        for group, bn in zip(groups[start:], bns[start:]):
+            x = group(x, normed)
+            normed = bn(x)
+            feats.append(normed if preact else x)
+        x = F.avg_pool2d(F.relu(normed), 8).flatten(1)  # (B, 64k)
+        feats.append(x)
+        logits = self.fc(x)
+        return FeatureOutput(feats, logits) if is_feat else logits
+
+    def head(self, x: Tensor, preact: bool = False) -> Tensor:
+        """The map the classifier pools, ``relu(bn1(x))``, from the last group's output ``x``; ``bn1(x)`` with
+        ``preact`` (the official FCFD's last stage output, ``wrn.py`` ``stage_forward(3, .)``)."""
+        normed = self.bn1(x)
+        return normed if preact else F.relu(normed)
 
 
 def wrn_16_1(num_classes: int = 100) -> WideResNet:

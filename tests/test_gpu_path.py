@@ -29,9 +29,8 @@ N_DATA, BATCH, NCE_K = 20, 4, 8  # 5 batches; the last one full (a partial one i
 PRINT_FREQ = 3  # reads allowed in steps 0 and 3 and at the end; steps 1, 2 and 4 must have none
 EQUAL = ("resnet14", "resnet8")  # teacher, student: every map the same size
 UNEQUAL = ("ShuffleV1", "resnet8")  # the student's maps 2x larger than the teacher's at stages 1-3
-# Methods that need equal channel counts at every map (RepDistiller's "N/A" for cross-family pairs), and FCFD,
-# whose ShuffleV1 teacher has no forward_from (the rest of the network from a stage).
-REFUSE_UNEQUAL = {"fsp", "kdsvd", "fcfd"}
+# Methods that need equal channel counts at every map (RepDistiller's "N/A" for cross-family pairs).
+REFUSE_UNEQUAL = {"fsp", "kdsvd"}
 
 
 def loader(two_views: bool = False, crd: bool = False, n: int = N_DATA, seed: int = 0) -> DeviceLoader:

@@ -40,14 +40,14 @@ EXPECTED_REFUSALS = {
     "fsp": set(PAIRS) - SAME_CHANNELS,
     "kdsvd": set(PAIRS) - SAME_CHANNELS,
     "catkd": {("vgg13", "MobileNetV2"), ("ResNet50", "MobileNetV2"), ("resnet32x4", "ShuffleV2")},
-    # FCFD runs the rest of a network from a stage (``forward_from``): the CIFAR ResNets have it.
-    "fcfd": set(PAIRS) - {("resnet56", "resnet20"), ("resnet32x4", "resnet8x4")},
 }
 # Untrained teachers are never confident: CRLD's confidence masks would drop every sample (a zero loss).
 # WKD-L: its class cost from the teacher's classifier (cheap); the CKA cost over the training images (about 30 s
 # to minutes per pair on a CPU) has its own tests in test_sdd_wkd_dot.py.
-# FCFD: all four mixed paths, so that every bridge is used in the one step (two are drawn per step by default).
-METHOD_ARGS = {"crld": {"crld_tau_w": 0.0, "crld_tau_s": 0.0}, "wkd_l": {"wkd_cost": "fc"}, "fcfd": {"fcfd_paths": 4}}
+METHOD_ARGS = {"crld": {"crld_tau_w": 0.0, "crld_tau_s": 0.0}, "wkd_l": {"wkd_cost": "fc"}}
+# FCFD: every mixed path (4 on 3-stage pairs, 6 on 4-stage ones; shapes: stem, stages, pooled), so that every bridge
+# is used in the one step (two are drawn per step by default).
+PAIR_ARGS = {"fcfd": lambda s_shapes: {"fcfd_paths": 2 * (len(s_shapes) - 3)}}
 # ND: random positive class centers instead of its teacher pass over the training images (5-50 s per pair on a
 # CPU), which tests/test_nd.py checks against a hand computation.
 PREPARED = {"nd": lambda method, t_shapes: method.set_centers(torch.rand(100, t_shapes[-1][0]) + 0.1)}
@@ -163,7 +163,7 @@ def test_method_on_pair(name, teacher_name, student_name, zoo, shapes, batch, te
     cls = get_method(name)
     teacher, student = zoo[teacher_name], zoo[student_name]
     s_shapes, t_shapes = shapes(student_name, cls.preact), shapes(teacher_name, cls.preact)
-    args = default_args(nce_k=NCE_K, **METHOD_ARGS.get(name, {}))
+    args = default_args(nce_k=NCE_K, **METHOD_ARGS.get(name, {}), **PAIR_ARGS.get(name, lambda _: {})(s_shapes))
 
     try:
         cls.check_pair(s_shapes, t_shapes, args)
@@ -189,6 +189,8 @@ def test_method_on_pair(name, teacher_name, student_name, zoo, shapes, batch, te
     if type(method).bind_student is not Distiller.bind_student:  # SDD: hooks on both networks
         method.bind_student(student)
         out_t = teacher_forward(teacher, batch.input, cls.preact)  # a fresh forward, seen by the hook
+    if method.preact != cls.preact:  # FCFD: the teacher's family's stages are its pre-activation features (VGG)
+        out_t = teacher_outputs(teacher_name, method.preact)
     if name in PREPARED:
         PREPARED[name](method, t_shapes)
     elif cls.needs_train_pass:  # WKD-L: the teacher over the (here: random, one per class) training images
@@ -210,7 +212,7 @@ def test_method_on_pair(name, teacher_name, student_name, zoo, shapes, batch, te
     method.set_epoch(1, "main")
     student.zero_grad(set_to_none=True)
     method.zero_grad(set_to_none=True)
-    loss = method(student(batch.input, is_feat=True, preact=cls.preact), out_t, contrast)
+    loss = method(student(batch.input, is_feat=True, preact=method.student_preact), out_t, contrast)
     assert loss.shape == () and torch.isfinite(loss), loss
     if method.has_loss:
         loss.backward()
