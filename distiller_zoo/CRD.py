@@ -254,13 +254,10 @@ class CRDDistiller(Distiller):
 
     @classmethod
     def make_sampler(cls, args: Any, labels: torch.Tensor, seed: int, device: torch.device) -> CRDSampler:
-        """``--nce_k`` negatives per anchor drawn from the other classes' images, positives as ``--mode``."""
-        negatives = len(labels) - int(torch.bincount(labels).max())
-        if args.nce_k > negatives:
-            raise DataError(
-                f"--nce_k {args.nce_k} is larger than the {negatives} negatives available per class in the "
-                f"{len(labels)} training images; use --nce_k {negatives} or fewer"
-            )
+        """``--nce_k`` negatives per anchor drawn from the other classes' images, positives as ``--mode``. A
+        ``--nce_k`` above the negatives a class has (a ``--train_size`` subset) draws them with replacement,
+        as RepDistiller does (``dataset/cifar100.py``, ``CIFAR100InstanceSample``: ``replace = True if self.k >
+        len(self.cls_negative[target])``); the sampler logs it once."""
         return CRDSampler(labels, args.nce_k, mode=args.mode, seed=seed, device=device)
 
     def __init__(self, s_shapes: Shapes, t_shapes: Shapes, args: Any, n_data: int) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -203,7 +204,6 @@ def test_a_second_run_in_the_same_folder_is_refused(tmp_path):
         (["--distill", "magic"], "--distill 'magic': unknown method"),
         (["--epochs", "0"], "--epochs 0: must be positive"),
         (["--lr_decay_epochs", "a,b"], "--lr_decay_epochs"),
-        (["--distill", "crd", "--nce_k", "5000"], "--nce_k 5000 is larger than the 99 negatives"),
         (["--distill", "hint", "--hint_layer", "4"], "hint"),
         (["--model_s", "resnet8", "--distill", "fsp", "--model_t", "resnet32x4"], "fsp"),
     ],
@@ -216,6 +216,18 @@ def test_user_errors_are_one_line_before_any_work(argv, message, repdistiller_te
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and message in proc.stderr
     assert not (tmp_path / "student_model").exists() or not any((tmp_path / "student_model").rglob("summary.json"))
+
+
+def test_crd_default_nce_k_on_a_subset_draws_with_replacement(repdistiller_teacher, tmp_path):
+    """RepDistiller's 16384 negatives on 100 images (99 negatives per class) run, drawn with replacement as
+    RepDistiller's ``CIFAR100InstanceSample`` does, and the log says so."""
+    proc = run(
+        "train_student.py", "--path_t", str(repdistiller_teacher), "--model_s", "resnet8", *SMALL,
+        "--distill", "crd", "-a", "0", "-b", "0.8", "--save_dir", str(tmp_path), cwd=tmp_path,
+    )  # fmt: skip
+    assert "--nce_k 16384 exceeds the 99 negatives available to some classes" in proc.stderr
+    summary = json.loads((only_folder(tmp_path / "student_model") / "summary.json").read_text())
+    assert summary["train_size"] == 100 and math.isfinite(summary["test_acc"])
 
 
 def test_missing_teacher_checkpoint_is_refused(tmp_path):
