@@ -23,7 +23,7 @@ from torch import nn
 
 from common.collectives import active, all_gather_rows, all_reduce_sum, shard_rows
 from common.errors import UsageError
-from dataset import CRDSampler, DataError
+from dataset import CRDSampler
 from dataset.crd import MODES
 
 from .base import Distiller, Shapes, register

@@ -8,9 +8,10 @@ Each round runs, one after the other, for each method:
 
 * **ours**: ``train_student.py --path_t T --model_s resnet20 --distill kd -r 0.1 -a 0.9 -b 0 --epochs 1
   --train_size 5000`` (CRD: ``--distill crd -a 0 -b 0.8``; its default ``--nce_k 16384`` exceeds the 4,950
-  negatives per class of 5,000 images, so both processes draw them with replacement, as RepDistiller does), every
-  other flag at its default, into a temporary ``--save_dir``. A light wrapper (``scripts/bench_process.py _ours OUT ARGS``)
-  imports ``train_student`` and calls its ``main(ARGS)``; it only adds timers around the functions of each phase.
+  negatives per class of 5,000 images, so both processes draw them with replacement, as RepDistiller does),
+  every other flag at its default, into a temporary ``--save_dir``. A light wrapper (``scripts/bench_process.py
+  _ours OUT ARGS``) imports ``train_student`` and calls its ``main(ARGS)``; it only adds timers around the
+  functions of each phase.
 * **baseline**: a process in RepDistiller's ``train_student.py`` order (its ``HobbitLong/RepDistiller``
   ``train_student.py``, ``main``): imports; the data (CIFAR-100 as a PIL-image dataset, the same class-balanced
   5,000-image subset, RepDistiller's test loader: batch 32, ``workers // 2`` processes); the teacher loaded and the

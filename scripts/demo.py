@@ -85,10 +85,11 @@ def _own_flags(distill: str) -> set[str]:
     return {a.dest for a in parser._actions}
 
 
-def method_flags(method: str, epochs: int, train_size: int) -> list[str]:
+def method_flags(method: str, epochs: int) -> list[str]:
     """The method's published recipe on ``RECIPE_PAIR`` (``helper.recipes``: RepDistiller's weights for kd, crd,
     ..., mdistiller's for DKD), without its epochs (the demo's schedule is its own); the method's warm-up epochs
-    (DKD's 20 of 240) scaled to the short schedule (under one epoch: no ramp)."""
+    (DKD's 20 of 240) scaled to the short schedule (under one epoch: no ramp). CRD keeps RepDistiller's 16384
+    negatives: a subset holds fewer per class, so they are drawn with replacement, as RepDistiller does."""
     from distiller_zoo.DKD import warmup_epochs
 
     argv = recipes.flags(method, *RECIPE_PAIR)
@@ -98,12 +99,6 @@ def method_flags(method: str, epochs: int, train_size: int) -> list[str]:
     for dest in sorted(d for d in _own_flags(args.distill) if d.endswith("_warmup")):
         warmup = warmup_epochs(args) if dest == "dkd_warmup" else getattr(args, dest)
         argv += [f"--{dest}", f"{warmup * epochs / recipes.schedule()[0]:.3g}"]
-    if args.distill == "crd":
-        # RepDistiller's 16384 negatives need more images than a subset has (they are drawn from the other
-        # classes' images): the largest power of two up to 4096 (its dataset default) that the subset holds.
-        negatives = train_size - train_size // 100
-        nce_k = 1 << (min(4096, negatives).bit_length() - 1)
-        argv += ["--nce_k", str(nce_k)]
     return argv
 
 
@@ -155,7 +150,7 @@ def build_jobs(args: argparse.Namespace, teacher: Path, py: str = sys.executable
         for seed in args.seed_list:
             name = f"{method.replace('+', '_')}_{tag}_seed{seed}"
             cmd = [py, "train_student.py", "--path_t", str(teacher), "--model_s", args.student, "--fold_teacher_bn"]
-            cmd += [*method_flags(method, args.epochs, args.train_size), "--trial", str(seed), "--seed", str(seed)]
+            cmd += [*method_flags(method, args.epochs), "--trial", str(seed), "--seed", str(seed)]
             cmd += [*schedule, "--run_name", name] + (["--no_teacher_eval"] if jobs else [])
             jobs.append(Job(method, seed, cmd, save / "student_model" / name))
     for seed in args.seed_list:
