@@ -4,7 +4,7 @@
 * :class:`PreactBlock` and :func:`run_stage`, how a model taps the tensor before a stage's final ReLU
   (RepDistiller's ``preact=True`` features) without computing anything twice;
 * :func:`check_start`, the argument check of every model's ``forward_from`` (the rest of the network from a
-  feature);
+  feature), and :func:`run_stages_from`, the stage loop of those built from :class:`PreactBlock` stages;
 * :func:`channel_shuffle` (both ShuffleNets) and :func:`he_normal_init_` (ResNets, WRN, VGG, MobileNetV2).
 """
 
@@ -71,6 +71,19 @@ def check_start(start: int, n_stages: int) -> None:
     """``forward_from``'s ``start``: a feature index, 0 (the stem) to ``n_stages`` (the last stage)."""
     if not 0 <= start <= n_stages:
         raise ValueError(f"forward_from: start must be a feature index in 0..{n_stages}, got {start}")
+
+
+def run_stages_from(
+    stages: tuple[nn.Sequential, ...], x: Tensor, start: int, preact: bool
+) -> tuple[Tensor, list[Tensor]]:
+    """``forward_from``'s stages: ``stages[start:]`` run on feature ``start`` ``x`` (checked with
+    :func:`check_start`). Returns the last stage's output and each stage's feature (as :func:`run_stage`)."""
+    check_start(start, len(stages))
+    feats = []
+    for stage in stages[start:]:
+        x, feat = run_stage(stage, x, preact)
+        feats.append(feat)
+    return x, feats
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import FeatureOutput, PreactBlock, check_start, he_normal_init_, run_stage
+from .common import FeatureOutput, PreactBlock, he_normal_init_, run_stage, run_stages_from
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -109,12 +109,7 @@ class ResNet(nn.Module):
         that pass another network's features through this one (FCFD). Logits, or with ``is_feat`` the later
         stages' outputs (before their ReLU with ``preact``, as ``forward``), the pooled vector and the logits.
         Parameter-free; skips ``pre_pool`` so that a hook on it (SDD) sees only the model's own forward."""
-        stages = (self.layer1, self.layer2, self.layer3)
-        check_start(start, len(stages))
-        feats = []
-        for stage in stages[start:]:
-            x, feat = run_stage(stage, x, preact)
-            feats.append(feat)
+        x, feats = run_stages_from((self.layer1, self.layer2, self.layer3), x, start, preact)
         x = self.avgpool(x).flatten(1)  # (B, c3)
         feats.append(x)
         logits = self.fc(x)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import FeatureOutput, PreactBlock, check_start, he_normal_init_, run_stage
+from .common import FeatureOutput, PreactBlock, he_normal_init_, run_stage, run_stages_from
 
 
 class Bottleneck(PreactBlock):
@@ -108,11 +108,7 @@ class ResNet(nn.Module):
         ``forward(., is_feat=True).feats[start]``): logits, or with ``is_feat`` the later stages' outputs (before
         their ReLU with ``preact``), the pooled vector and the logits. Parameter-free; skips ``pre_pool``.
         The official FCFD's stages (``resnetv2.py`` ``stage_forward``, ``stage_input = "afterrelu"``) are these."""
-        check_start(start, len(self.stages()))
-        feats = []
-        for stage in self.stages()[start:]:
-            x, feat = run_stage(stage, x, preact)
-            feats.append(feat)
+        x, feats = run_stages_from(self.stages(), x, start, preact)
         x = self.avgpool(x).flatten(1)  # (B, 2048)
         feats.append(x)
         logits = self.linear(x)

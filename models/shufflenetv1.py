@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import FeatureOutput, PreactBlock, channel_shuffle, check_start, run_stage
+from .common import FeatureOutput, PreactBlock, channel_shuffle, check_start, run_stage, run_stages_from
 
 
 class Bottleneck(PreactBlock):
@@ -117,11 +117,7 @@ class ShuffleNet(nn.Module):
         later stages' outputs (before their ReLU with ``preact``), the pooled vector and the logits.
         Parameter-free; skips ``pre_pool``."""
         check_start(start, len(self.stages()))
-        x = F.relu(x)
-        feats = []
-        for stage in self.stages()[start:]:
-            x, feat = run_stage(stage, x, preact)  # x: after the ReLU
-            feats.append(feat)
+        x, feats = run_stages_from(self.stages(), F.relu(x), start, preact)  # x: after the ReLU
         x = F.avg_pool2d(x, 4).flatten(1)  # (B, 960)
         feats.append(x)
         logits = self.linear(x)

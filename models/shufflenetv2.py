@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import FeatureOutput, PreactBlock, channel_shuffle, check_start, run_stage
+from .common import FeatureOutput, PreactBlock, channel_shuffle, run_stage, run_stages_from
 
 # Stage widths and the last 1x1 conv's width, per size (paper, Table 5).
 CONFIGS: dict[float, dict[str, tuple[int, ...]]] = {
@@ -158,11 +158,9 @@ class ShuffleNetV2(nn.Module):
         (``preact`` as in ``forward``), the pooled vector and the logits. The stages are the official FCFD's
         (``ShuffleNetv2.py`` ``stage_forward``), but its last one ends after ``conv2``/``bn2`` and their ReLU
         (:meth:`head`). Parameter-free; skips ``pre_pool``."""
-        check_start(start, len(self.stages()))
-        feats = []
-        for stage in self.stages()[start:]:
-            x, feat = run_stage(stage, x, preact)
-            feats.append(channel_shuffle(feat, 2) if preact and self.shuffle_preact else feat)
+        x, feats = run_stages_from(self.stages(), x, start, preact)
+        if preact and self.shuffle_preact:
+            feats = [channel_shuffle(f, 2) for f in feats]
         x = F.avg_pool2d(self.head(x), 4).flatten(1)  # (B, 1024)
         feats.append(x)
         logits = self.linear(x)
