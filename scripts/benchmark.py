@@ -66,6 +66,7 @@ from distiller_zoo.CRD import ContrastMemory  # noqa: E402
 from helper.engine import DistillObjective, NonFiniteLoss, train_one_epoch  # noqa: E402
 from helper.options import student_parser  # noqa: E402
 from helper.run import Run  # noqa: E402
+from helper.setup import cli_errors  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
@@ -620,7 +621,13 @@ def strip_parallel(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    """The benchmark; a user error (no CIFAR-100, an unreadable teacher) is one line and exit status 2, as in
+    the training scripts."""
+    with cli_errors():
+        _benchmark(sys.argv[1:] if argv is None else argv)
+
+
+def _benchmark(argv: list[str]) -> None:
     opts = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("kd").setLevel(logging.WARNING)  # the runs' own set-up lines

@@ -94,6 +94,22 @@ def test_table_reports_best_and_median_speed_ups():
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("restore_threads")
+def test_missing_data_is_one_line_and_status_2(tmp_path: Path, monkeypatch, capsys, caplog, restore_threads):
+    """No CIFAR-100 where --data_folder points (and no download): ``error: CIFAR-100 not found ...``, no
+    traceback, exit status 2."""
+    import dataset.cifar100 as cifar
+
+    def offline(root: Path) -> None:
+        raise OSError("offline")
+
+    monkeypatch.setattr(cifar, "download_official", offline)
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(["--device", "cpu", "--methods", "kd", "--path_t", str(TEACHER), "--data_folder", str(tmp_path)])
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert exc.value.code == 2 and len(errors) == 1 and errors[0].startswith("error: CIFAR-100 not found")
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_short_cpu_run_times_both_loops_for_kd_and_crd(tmp_path: Path, capsys: pytest.CaptureFixture):
     out = tmp_path / "bench.json"
     benchmark.main([
