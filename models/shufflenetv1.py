@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import FeatureOutput, PreactBlock, channel_shuffle, check_start, run_stage, run_stages_from
+from .common import FeatureOutput, PreactBlock, channel_shuffle, run_stage, run_stages_from
 
 
 class Bottleneck(PreactBlock):
@@ -116,7 +116,6 @@ class ShuffleNet(nn.Module):
         as in the official FCFD's ``ShuffleNetv1.py``, whose units open with it): logits, or with ``is_feat`` the
         later stages' outputs (before their ReLU with ``preact``), the pooled vector and the logits.
         Parameter-free; skips ``pre_pool``."""
-        check_start(start, len(self.stages()))
         x, feats = run_stages_from(self.stages(), F.relu(x), start, preact)  # x: after the ReLU
         x = F.avg_pool2d(x, 4).flatten(1)  # (B, 960)
         feats.append(x)

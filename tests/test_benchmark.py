@@ -92,9 +92,8 @@ def test_table_reports_best_and_median_speed_ups():
     assert "(sum of 3 processes)" in benchmark.table(results, settings, parallel=3).splitlines()[0]
 
 
-@pytest.mark.slow
 @pytest.mark.usefixtures("restore_threads")
-def test_missing_data_is_one_line_and_status_2(tmp_path: Path, monkeypatch, capsys, caplog, restore_threads):
+def test_missing_data_is_one_line_and_status_2(tmp_path: Path, monkeypatch, capsys, caplog):
     """No CIFAR-100 where --data_folder points (and no download): ``error: CIFAR-100 not found ...``, no
     traceback, exit status 2."""
     import dataset.cifar100 as cifar
@@ -110,6 +109,8 @@ def test_missing_data_is_one_line_and_status_2(tmp_path: Path, monkeypatch, caps
     assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("restore_threads")
 def test_short_cpu_run_times_both_loops_for_kd_and_crd(tmp_path: Path, capsys: pytest.CaptureFixture):
     out = tmp_path / "bench.json"
     benchmark.main([
