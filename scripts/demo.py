@@ -293,6 +293,9 @@ def verdict_lines(results: list[Verdict], min_gap: float = MIN_GAP) -> list[str]
         + (f"; {', '.join(lost)} did not" if lost else "")
         + "."
     )
+    if lost:
+        lines.append("  Each method at this and other scales, and RepDistiller's own code run beside ours: README.md, "
+                     '"The demo".')  # fmt: skip
     return lines
 
 

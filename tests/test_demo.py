@@ -48,7 +48,8 @@ def test_a_gap_inside_the_spread_does_not_win():
     assert crd.gap == pytest.approx(2.0) and crd.spread == pytest.approx(math.sqrt(10)) and crd.wins is False
     lines = demo.verdict_lines(demo.verdicts({"vanilla": [10.0, 14.0], "crd": [13.0, 15.0]}))
     assert "gap >= 1.5 yes, gap > spread NO -> does NOT beat vanilla" in lines[1]
-    assert lines[-1] == "  Verdict: no method beat the student trained alone; crd did not."
+    assert lines[-2] == "  Verdict: no method beat the student trained alone; crd did not."
+    assert lines[-1].startswith("  Each method at this and other scales") and "README.md" in lines[-1]
 
 
 def test_a_gap_below_1_5_points_does_not_win_however_tight_the_seeds():
@@ -61,7 +62,9 @@ def test_a_gap_below_1_5_points_does_not_win_however_tight_the_seeds():
     assert lines[0] == "  vanilla   10.10 ± 0.14  (seeds: 10.00, 10.20)"
     assert lines[1].endswith("gap +4.00, spread 0.20: gap >= 1.5 yes, gap > spread yes -> beats vanilla")
     assert "gap +1.10, spread 0.20: gap >= 1.5 NO, gap > spread yes -> does NOT beat vanilla" in lines[2]
-    assert lines[-1] == "  Verdict: kd beats the student trained alone; dkd did not."
+    assert lines[-2] == "  Verdict: kd beats the student trained alone; dkd did not."
+    won = demo.verdict_lines(demo.verdicts({"vanilla": [10.0, 10.2], "kd": [14.0, 14.2]}))
+    assert won[-1] == "  Verdict: kd beats the student trained alone."  # no pointer when every method wins
 
 
 # ----------------------------------------------------------------------------------------------------------
